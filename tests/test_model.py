@@ -1,0 +1,230 @@
+"""model.py against independent references: transformers on tiny random checkpoints and on the embedded
+GGUF, hand-built padding and no-cache generation, and the exact list of captured internals."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import write_tiny_hf
+from model import load_model, save_model
+
+FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
+
+
+@pytest.mark.parametrize("family,tied", FAMILIES)
+def test_parity_with_transformers(tmp_path, family, tied):
+    ref = write_tiny_hf(tmp_path, family, tied)
+    model, _ = load_model(str(tmp_path))
+    ids = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(ids).logits - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-4, f"{family} tied={tied}: max |logit diff| {diff}"
+    if tied:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_embedded_matches_transformers_gguf_loader(embedded):
+    transformers = pytest.importorskip("transformers")
+    from model import find_embedded_gguf
+    model, tok = embedded
+    path = find_embedded_gguf()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    ids = tok.render([{"role": "user", "content": "Name three primary colours, and explain 2 + 2."}])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (model(x).logits - ref(x).logits).abs().max().item()
+    assert diff <= 1e-3, f"max |logit diff| {diff}"
+    # the greedy answer a newcomer sees is the reference's answer, token for token
+    ours = model.generate([ids], max_new_tokens=24, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
+    theirs = ref.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_id,
+                          pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    theirs = theirs[:theirs.index(tok.eos_id)] if tok.eos_id in theirs else theirs
+    assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_hf(path, "qwen3", tied=False)
+    model, tok = load_model(str(path))
+    return model, tok, str(path)
+
+
+def test_capture_names_and_shapes(tiny):
+    model, _, _ = tiny
+    cfg = model.cfg
+    B, T = 2, 7
+    out = model(torch.randint(0, 260, (B, T)), capture=["blocks.*"])
+    expected = {}
+    for l in range(cfg.n_layer):
+        expected[f"blocks.{l}.hook_resid_post"] = (B, T, cfg.d_model)
+        expected[f"blocks.{l}.mlp.hook_post"] = (B, T, cfg.d_ff)
+        expected[f"blocks.{l}.attn.hook_pattern"] = (B, cfg.n_head, T, T)
+    assert {k: tuple(v.shape) for k, v in out.cache.items()} == expected
+
+
+def test_capture_changes_no_logits_and_detaches_nothing(tiny):
+    model, _, _ = tiny
+    ids = torch.randint(0, 260, (2, 9))
+    plain = model(ids).logits
+    out = model(ids, capture=["blocks.*"])
+    assert torch.allclose(plain, out.logits, atol=1e-5)
+    for name, value in out.cache.items():
+        assert value.requires_grad, name
+    out.cache["blocks.0.mlp.hook_post"].sum().backward()
+    assert model.model.layers[0].mlp.gate_proj.weight.grad is not None
+    model.zero_grad()
+
+
+def test_manual_attention_equals_sdpa_and_pattern_is_causal(tiny):
+    model, _, _ = tiny
+    ids = torch.randint(0, 260, (3, 11))
+    with torch.no_grad():
+        sdpa = model(ids, capture=["blocks.*.hook_resid_post"]).cache
+        manual = model(ids, capture=["blocks.*"]).cache
+    for l in range(model.cfg.n_layer):
+        assert torch.allclose(sdpa[f"blocks.{l}.hook_resid_post"], manual[f"blocks.{l}.hook_resid_post"], atol=1e-5)
+        p = manual[f"blocks.{l}.attn.hook_pattern"]
+        assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5)
+        assert p.triu(1).abs().max() == 0
+
+
+def test_pattern_matches_transformers_eager(tmp_path):
+    ref = write_tiny_hf(tmp_path, "llama", tied=False)
+    model, _ = load_model(str(tmp_path))
+    ref.config._attn_implementation = "eager"
+    ids = torch.randint(0, 260, (1, 12))
+    with torch.no_grad():
+        theirs = ref(ids, output_attentions=True, output_hidden_states=True)
+        ours = model(ids, capture=["blocks.*.attn.hook_pattern", "blocks.*.hook_resid_post"]).cache
+    for l in range(model.cfg.n_layer):
+        assert torch.allclose(ours[f"blocks.{l}.attn.hook_pattern"], theirs.attentions[l], atol=1e-5)
+    # HF's last hidden state is after the final norm; compare the blocks before it
+    for l in range(model.cfg.n_layer - 1):
+        assert torch.allclose(ours[f"blocks.{l}.hook_resid_post"], theirs.hidden_states[l + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_per_example_results(tiny, side):
+    model, _, _ = tiny
+    lengths = [5, 12, 8]
+    rows = [torch.randint(0, 260, (n,)) for n in lengths]
+    T = max(lengths)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = r, 1
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, capture=["blocks.1.*"])
+        for i, r in enumerate(rows):
+            alone = model(r[None], capture=["blocks.1.*"])
+            sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
+            assert torch.allclose(batch.logits[i, sl], alone.logits[0], atol=1e-4)
+            assert torch.allclose(batch.cache["blocks.1.mlp.hook_post"][i, sl], alone.cache["blocks.1.mlp.hook_post"][0], atol=1e-5)
+            assert torch.allclose(batch.cache["blocks.1.attn.hook_pattern"][i, :, sl, sl],
+                                  alone.cache["blocks.1.attn.hook_pattern"][0], atol=1e-5)
+
+
+def greedy_without_cache(model, prompt, n, eos):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            nxt = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+        if nxt == eos:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
+def test_kv_cache_generation_equals_no_cache(tiny):
+    model, _, _ = tiny
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 9, 6)]
+    batched = model.generate(prompts, max_new_tokens=15, eos_id=257, pad_id=257)
+    for p, got in zip(prompts, batched):
+        assert got == greedy_without_cache(model, p, 15, 257)
+
+
+def test_sampling_is_seeded(tiny):
+    model, _, _ = tiny
+    prompts = [[1, 2, 3], [4, 5]]
+    a = model.generate(prompts, 10, temperature=1.0, top_k=50, seed=3)
+    b = model.generate(prompts, 10, temperature=1.0, top_k=50, seed=3)
+    assert a == b
+
+
+def test_save_load_roundtrip_and_transformers_opens_it(tiny, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, tok, _ = tiny
+    out = tmp_path / "saved"
+    save_model(model, tok, str(out))
+    again, _ = load_model(str(out))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.randint(0, 260, (2, 10))
+    with torch.no_grad():
+        want = model(ids).logits
+        assert torch.equal(again(ids).logits, want)
+        assert (ref(ids).logits - want).abs().max() <= 1e-4
+    assert not os.path.exists(str(out) + ".tmp")
+
+
+def test_embedded_save_load_roundtrip(embedded, tmp_path):
+    model, tok = embedded
+    save_model(model, tok, str(tmp_path / "m"))
+    again, tok2 = load_model(str(tmp_path / "m"))
+    ids = torch.tensor([tok.render([{"role": "user", "content": "Hi 123"}])])
+    assert tok2.render([{"role": "user", "content": "Hi 123"}]) == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_hub_repo_id_loads_through_snapshot_download(tiny, tmp_path, monkeypatch):
+    """A real snapshot_download call, offline, against a hub cache laid out the way the hub client writes it."""
+    model, tok, path = tiny
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--tiny-qwen3" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in os.listdir(path):
+        os.symlink(os.path.join(path, f), snap / f)
+    (cache / "models--someone--tiny-qwen3" / "refs").mkdir()
+    (cache / "models--someone--tiny-qwen3" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    loaded, _ = load_model("someone/tiny-qwen3")
+    ids = torch.randint(0, 260, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_clear_errors(tiny, tmp_path):
+    model, _, path = tiny
+    with pytest.raises(ValueError, match="unknown model"):
+        load_model("not a model name")
+    with pytest.raises(ValueError, match="unknown capture name"):
+        model(torch.zeros(1, 3, dtype=torch.long), capture=["blocks.0.hook_nope"])
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.tensor([[10_000]]))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(str(tmp_path))
+    import shutil, json
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model(str(bad))
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        load_model(str(bad))
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model(str(bad))
+    shutil.copytree(path, tmp_path / "short")
+    cfg["num_hidden_layers"] += 1
+    (tmp_path / "short" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing"):
+        load_model(str(tmp_path / "short"))
