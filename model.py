@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -69,17 +68,19 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: only SwiGLU (silu) MLPs are implemented")
         if c.get("use_sliding_window"):
             raise ValueError("sliding-window attention is not implemented: use a config with use_sliding_window false")
-        scaling = c.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
-            raise ValueError(f"unsupported rope_scaling {scaling}: only 'llama3' scaling is implemented")
+        # transformers >= 5 writes `rope_parameters` (theta inside it); older configs `rope_scaling`
+        scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("llama3", "default"):
+            raise ValueError(f"unsupported rope scaling {scaling}: only 'llama3' scaling is implemented")
         eos = c.get("eos_token_id", 2)
         n_head = c["num_attention_heads"]
         return cls(
             vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head,
             n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
             d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", 10000.0),
-            rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", scaling.get("rope_theta", 10000.0)),
+            rope_scaling=scaling if rope_type == "llama3" else None,
             max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)), qk_norm=arch == "qwen3", arch=arch,
             bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
@@ -320,6 +321,82 @@ class Transformer(nn.Module):
         return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
+def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
+                  max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[str]:
+    """Greedy replies to chat conversations, batched and KV-cached. A prefill string is placed right after
+    the assistant marker and the reply is its continuation. Similar lengths are batched together."""
+    ids = [tok.encode(tok.render_text(m) + (prefills[i] if prefills else "")) for i, m in enumerate(prompts)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = [None] * len(ids)
+    for s in range(0, len(order), batch_size):
+        chunk = order[s:s + batch_size]
+        for i, new in zip(chunk, model.generate([ids[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id,
+                                                pad_id=tok.pad_id)):
+            out[i] = tok.decode(new)
+        if progress is not None:
+            progress.update(len(chunk))
+    return out
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a low-rank update B @ A. The frozen weight keeps its HF name, so merging is exact
+    and the reference model theta0 is this same module with the update switched off."""
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_enabled:
+            y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
+        return y
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, targets: tuple[str, ...]) -> list[nn.Parameter]:
+    """Freeze the model and put LoRA adapters on every Linear whose name ends in one of `targets`
+    (e.g. q_proj, v_proj). Returns the adapter parameters."""
+    model.requires_grad_(False)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    if not found:
+        raise ValueError(f"no Linear named {targets} in the model: use q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    params = []
+    for _, m in found:
+        m.__class__ = LoRALinear  # same object and weights, new forward
+        m.lora_A = nn.Parameter(torch.randn(rank, m.in_features, dtype=m.weight.dtype) / math.sqrt(m.in_features))
+        m.lora_B = nn.Parameter(torch.zeros(m.out_features, rank, dtype=m.weight.dtype))  # starts as theta0
+        m.lora_scale, m.lora_enabled = alpha / rank, True
+        params += [m.lora_A, m.lora_B]
+    return params
+
+
+def lora_modules(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+class lora_disabled:
+    """Context manager: run the model as theta0 by switching its adapters off (no copy of the weights)."""
+
+    def __init__(self, model):
+        self.mods = lora_modules(model)
+
+    def __enter__(self):
+        for m in self.mods:
+            m.lora_enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.mods:
+            m.lora_enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer) -> Transformer:
+    """Fold every adapter into its weight and turn the module back into a plain nn.Linear."""
+    for m in lora_modules(model):
+        m.weight += (m.lora_B @ m.lora_A) * m.lora_scale
+        del m.lora_A, m.lora_B
+        m.__class__ = nn.Linear
+    return model
+
+
 # ----------------------------------------------------------------------------- loading and saving
 
 def find_embedded_gguf() -> str:
@@ -451,27 +528,39 @@ def download(repo_id: str) -> str:
 
 
 def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None = None):
-    """Write an HF-format folder (model.safetensors, config.json, tokenizer files, plus `extra` JSON files)
-    atomically: everything goes into a temp folder that is renamed over `path` at the end."""
+    """Write an HF-format folder (model.safetensors, config.json, tokenizer files) plus `extra` files
+    (name -> dict for .json, anything else torch.save'd). Each file is written under a temp name and
+    renamed, so no reader ever sees a half-written file; other files in `path` are left alone."""
     from safetensors.torch import save_file
-    tmp = path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():  # adapters are saved folded in, so the folder is a plain HF checkpoint
+        for name, m in model.named_modules():
+            if isinstance(m, LoRALinear):
+                state[name + ".weight"] = (m.weight + (m.lora_B @ m.lora_A) * m.lora_scale).contiguous()
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(model.cfg.to_hf() | {"torch_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}, f, indent=2)
-    tok.save(tmp)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_atomic(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
+    write_atomic(os.path.join(path, "config.json"), lambda f: dump_json(model.cfg.to_hf() | {"torch_dtype": dtype}, f))
     for name, obj in (extra or {}).items():
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=2)
-    old = path.rstrip("/") + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+        write_atomic(os.path.join(path, name), lambda f: dump_json(obj, f) if name.endswith(".json") else torch.save(obj, f))
+    tmp = os.path.join(path, ".tokenizer.tmp")
+    os.makedirs(tmp, exist_ok=True)
+    tok.save(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(path, name))
+    os.rmdir(tmp)
+
+
+def write_atomic(path, write):
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def dump_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def main():
