@@ -1,0 +1,288 @@
+"""
+Consistency training targets: make the model on a wrapped prompt w(x) look like the frozen initial model
+theta0 on the clean prompt x, at one level of the stack each.
+
+    bct     output     cross-entropy of theta0's own clean response y given w(x)           (Chua et al.)
+    act     residual   squared L2 of blocks.{l}.hook_resid_post over the shared token suffix (Paper B)
+    mlpct   MLP        1 - cos of blocks.{l}.mlp.hook_post over the clean-content tokens   (Paper A)
+    attct   attention  per-head JSD of blocks.{l}.attn.hook_pattern, content x content     (Paper A)
+    prefill output     KL(theta0 first-token dist. on x || theta at every prefill position) (Paper A)
+
+A pair is aligned once (`align`): the shared suffix and the clean-content span are found through
+per-token character offsets, and only positions whose token ids agree in both renderings are kept.
+Batches (`collate`) carry per-example index tensors, so pairs with different boundaries share a batch.
+Adding a target is one function under `@target(...)` that maps (wrapped out, clean out, batch) to a
+per-layer loss vector.
+
+    loss, logs = consistency_loss(model, reference, batch, parse_targets("act+bct"))
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- alignment
+
+
+@dataclass
+class AlignedPair:
+    clean: list[int]               # clean prompt ids (generation prompt included)
+    wrapped: list[int]             # wrapped prompt ids + prefill ids
+    response: list[int]            # theta0's clean response + eos (empty when no target needs it)
+    suffix: tuple[list, list]      # positions of the shared token suffix in (clean, wrapped)
+    content: tuple[list, list]     # positions of the clean-content tokens in (clean, wrapped), ids equal
+    prefill: list[int]             # wrapped positions whose next-token prediction follows >= 1 prefill token
+    trimmed: int                   # content tokens dropped because a BPE merge crossed the boundary
+
+
+def shared_suffix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def content_tokens(ids, offsets, start, end):
+    """(position, id, start, end relative to the span) of tokens lying wholly inside [start, end)."""
+    return {(s - start, e - start, i): p for p, (i, (s, e)) in enumerate(zip(ids, offsets)) if start <= s and e <= end}
+
+
+def align(tok, pair, response: list[int] | None = None) -> AlignedPair:
+    """Render a threats.Pair with the model's chat template and locate the shared suffix and the clean
+    content in both renderings. The content is found at its last occurrence in each text (the user turn
+    being answered); a token that straddles the content boundary because of a BPE merge is dropped."""
+    clean_text = tok.render_text(pair.clean)
+    wrapped_text = tok.render_text(pair.wrapped) + pair.prefill
+    clean, c_off = tok.encode_with_offsets(clean_text)
+    wrapped, w_off = tok.encode_with_offsets(wrapped_text)
+    cs, ws = clean_text.rfind(pair.content), wrapped_text.rfind(pair.content)
+    if not pair.content or cs < 0 or ws < 0:
+        raise ValueError(f"pair {pair.meta.get('id', '?')}: its content is not inside both rendered prompts; "
+                         f"a wrapper must keep the clean user text verbatim")
+    c_tok = content_tokens(clean, c_off, cs, cs + len(pair.content))
+    w_tok = content_tokens(wrapped, w_off, ws, ws + len(pair.content))
+    both = sorted(c_tok.keys() & w_tok.keys())
+    n_prompt = len(tok.encode(tok.render_text(pair.wrapped))) if pair.prefill else len(wrapped)
+    n = shared_suffix(clean, wrapped[:n_prompt])
+    return AlignedPair(
+        clean=clean, wrapped=wrapped, response=list(response or []),
+        suffix=(list(range(len(clean) - n, len(clean))), list(range(n_prompt - n, n_prompt))),
+        content=([c_tok[k] for k in both], [w_tok[k] for k in both]),
+        prefill=list(range(n_prompt, len(wrapped))),
+        trimmed=max(len(c_tok), len(w_tok)) - len(both))
+
+
+@dataclass
+class Batch:
+    clean_ids: torch.Tensor        # (B, Tc) right-padded clean prompts
+    wrapped_ids: torch.Tensor      # (B, Tw) right-padded wrapped prompt + prefill + response
+    labels: torch.Tensor           # (B, Tw) next-token targets for BCT, -100 where no loss
+    suffix_c: torch.Tensor         # (B, S) index tensors, with a validity mask each
+    suffix_w: torch.Tensor
+    suffix_valid: torch.Tensor
+    content_c: torch.Tensor        # (B, C)
+    content_w: torch.Tensor
+    content_valid: torch.Tensor
+    prefill_w: torch.Tensor        # (B, K)
+    prefill_valid: torch.Tensor
+    clean_last: torch.Tensor       # (B,) last clean prompt position: theta0's first-token distribution
+
+    n_tokens: int                  # real (unpadded) tokens in both passes, for throughput
+
+    def to(self, device):
+        return Batch(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()})
+
+
+def pad(rows, value):
+    width = max(1, max(map(len, rows)))
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows])
+
+
+def index(rows):
+    return pad(rows, 0), pad([[True] * len(r) for r in rows], False)
+
+
+def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = False) -> Batch:
+    """Right padding needs no attention mask: under causal attention a real token never sees the pads
+    after it, so training batches take SDPA's plain causal path and still match per-example results."""
+    wrapped = [p.wrapped + p.response for p in pairs]
+    labels = []
+    for p, seq in zip(pairs, wrapped):
+        first = 0 if full_sequence_loss else len(p.wrapped)
+        lab = [-100] * len(seq)
+        lab[first:len(seq)] = seq[first:] if p.response else []
+        labels.append(lab)
+    (sc, sv), (sw, _) = index([p.suffix[0] for p in pairs]), index([p.suffix[1] for p in pairs])
+    (cc, cv), (cw, _) = index([p.content[0] for p in pairs]), index([p.content[1] for p in pairs])
+    pw, pv = index([p.prefill for p in pairs])
+    return Batch(clean_ids=pad([p.clean for p in pairs], pad_id), wrapped_ids=pad(wrapped, pad_id),
+                 labels=pad(labels, -100), suffix_c=sc, suffix_w=sw, suffix_valid=sv, content_c=cc,
+                 content_w=cw, content_valid=cv, prefill_w=pw, prefill_valid=pv,
+                 clean_last=torch.tensor([len(p.clean) - 1 for p in pairs]),
+                 n_tokens=sum(len(p.clean) + len(seq) for p, seq in zip(pairs, wrapped)))
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    fn: callable
+    capture: str | None      # internals it reads, as a capture glob
+    logits: bool             # reads logits
+    reference: bool          # reads theta0's clean pass
+    weight: float            # default weight inside a combination
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def target(name, capture=None, logits=False, reference=True, weight=1.0):
+    def register(fn):
+        TARGETS[name] = Target(fn, capture, logits, reference, weight)
+        return fn
+    return register
+
+
+def gather(x, idx):
+    """x (B, T, ...) and idx (B, N) -> x at those positions, (B, N, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+
+
+def layers(cache, kind):
+    n = len([k for k in cache if k.endswith("." + kind)])
+    return [cache[f"blocks.{l}.{kind}"] for l in range(n)]
+
+
+def masked_mean(x, valid):
+    """Mean over each example's valid positions, then over examples: every pair weighs the same, and the
+    mean of equal-sized shards equals the mean of the whole batch (so DDP reproduces one process)."""
+    dims = tuple(range(1, x.dim()))
+    return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean()
+
+
+@target("bct", logits=True, reference=False)
+def bct(w, c, b):
+    labels = b.labels[:, 1:]
+    nll = F.cross_entropy(w.logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+    return masked_mean(nll, labels != -100)[None]
+
+
+@target("act", capture="blocks.*.hook_resid_post", weight=1e-4)
+def act(w, c, b):
+    return torch.stack([
+        masked_mean((gather(hw, b.suffix_w) - gather(hc, b.suffix_c)).float().pow(2).sum(-1), b.suffix_valid)
+        for hw, hc in zip(layers(w.cache, "hook_resid_post"), layers(c.cache, "hook_resid_post"))])
+
+
+def one_minus_cos(a, b):
+    """1 - cos(a, b) over the last axis, written as half the squared distance of the unit vectors: the
+    same value, but exactly 0 when a == b and without cancellation for nearly parallel vectors."""
+    return 0.5 * (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).pow(2).sum(-1)
+
+
+@target("mlpct", capture="blocks.*.mlp.hook_post")
+def mlpct(w, c, b):
+    return torch.stack([
+        masked_mean(one_minus_cos(gather(mw, b.content_w), gather(mc, b.content_c)), b.content_valid)
+        for mw, mc in zip(layers(w.cache, "mlp.hook_post"), layers(c.cache, "mlp.hook_post"))])
+
+
+def content_block(pattern, idx):
+    """(B, H, T, T) attention -> (B, H, C, C): query and key axes both at the content positions. Rows are
+    not renormalised: mass on wrapper, system or template tokens simply falls outside the block."""
+    bi = torch.arange(pattern.shape[0], device=pattern.device)[:, None, None]
+    return pattern[bi, :, idx[:, :, None], idx[:, None, :]].permute(0, 3, 1, 2)
+
+
+def jsd(p, q):
+    """Jensen-Shannon divergence over the last axis; bounded by log 2, which is why Paper A chose it."""
+    p, q = p.float().clamp(min=1e-9), q.float().clamp(min=1e-9)
+    m = (p + q) / 2
+    return 0.5 * (p * (p.log() - m.log())) + 0.5 * (q * (q.log() - m.log()))
+
+
+@target("attct", capture="blocks.*.attn.hook_pattern")
+def attct(w, c, b):
+    keys = b.content_valid[:, None, None, :]
+    rows = b.content_valid[:, None, :].expand(-1, w.cache["blocks.0.attn.hook_pattern"].shape[1], -1)
+    return torch.stack([
+        masked_mean((jsd(content_block(aw, b.content_w), content_block(ac, b.content_c)) * keys).sum(-1), rows)
+        for aw, ac in zip(layers(w.cache, "attn.hook_pattern"), layers(c.cache, "attn.hook_pattern"))])
+
+
+@target("prefill", logits=True)
+def prefill_kl(w, c, b):
+    """The prefill tokens sit after the assistant marker, so every prompt position is identical in the
+    clean and attacked runs: match theta0's first-response-token distribution instead, at every position
+    that follows a prefill token."""
+    p_clean = gather(c.logits, b.clean_last[:, None]).float().log_softmax(-1)         # (B, 1, V)
+    p_wrapped = gather(w.logits, b.prefill_w).float().log_softmax(-1)                  # (B, K, V)
+    kl = (p_clean.exp() * (p_clean - p_wrapped)).sum(-1)
+    return masked_mean(kl, b.prefill_valid)[None]
+
+
+def parse_targets(spec: str) -> list[tuple[str, float]]:
+    """'act+bct' or 'act:1e-4+bct:1' -> [(name, weight), ...]; default weights from the registry."""
+    out = []
+    for part in spec.split("+"):
+        name, _, weight = part.strip().partition(":")
+        if name not in TARGETS:
+            raise ValueError(f"unknown target {name!r} in {spec!r}: choose from {', '.join(TARGETS)} joined by '+'")
+        try:
+            w = float(weight) if weight else TARGETS[name].weight
+        except ValueError:
+            raise ValueError(f"bad weight {weight!r} for {name} in {spec!r}: write name:number, e.g. act:1e-4") from None
+        if not w > 0 or w == float("inf"):
+            raise ValueError(f"weight of {name} in {spec!r} must be a positive finite number, got {weight}")
+        out.append((name, w))
+    return out
+
+
+def no_signal(name, batch: Batch) -> str | None:
+    """Why `name` would silently train on nothing with this batch, or None if it has a signal."""
+    prefilled = bool(batch.prefill_valid.any())
+    if name == "act" and not batch.suffix_valid.any():
+        return ("act has no shared suffix to match on these pairs (a prefill attack sits after the assistant "
+                "marker, so no prompt token follows it): use --target prefill or bct")
+    if name in ("mlpct", "attct") and prefilled:
+        return (f"{name} gets no signal on prefill pairs: under causal masking every prompt position is identical "
+                f"in the clean and prefilled runs; use --target prefill or bct")
+    if name in ("mlpct", "attct") and not batch.content_valid.any():
+        return f"{name}: no aligned content tokens in this batch; check the threat's wrappers"
+    if name == "prefill" and not prefilled:
+        return "the prefill target needs pairs with a prefill: use it with --threat prefill"
+    if name == "bct" and not (batch.labels != -100).any():
+        return "bct needs theta0's clean responses in the batch: pass responses to align()"
+    return None
+
+
+def check_signal(targets, batch: Batch):
+    """Refuse targets that would silently train on nothing (e.g. activation targets on prefill pairs)."""
+    for name, _ in targets:
+        if reason := no_signal(name, batch):
+            raise ValueError(reason)
+
+
+def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
+    """Weighted sum of `targets` on one batch; gradients reach the model only through the wrapped pass.
+    `reference` is theta0 (a frozen copy, or the model with adapters off) and runs under no_grad.
+    log_all=True also computes every other target that has a signal on this batch, on the same forward
+    outputs (cross-objective logging)."""
+    check_signal(targets, batch)
+    names = [n for n, _ in targets]
+    if log_all:
+        names += [n for n in TARGETS if n not in names and not no_signal(n, batch)]
+    used = [TARGETS[n] for n in names]
+    capture = [t.capture for t in used if t.capture]
+    logits = any(t.logits for t in used)
+    c = None
+    if any(t.reference for t in used):
+        with torch.no_grad():
+            c = reference(batch.clean_ids, capture=capture, logits=logits)
+    w = model(batch.wrapped_ids, capture=capture, logits=logits)
+    per_layer = {n: TARGETS[n].fn(w, c, batch) for n in names}
+    loss = sum(weight * per_layer[n].mean() for n, weight in targets)
+    logs = {n: v.mean().item() for n, v in per_layer.items()}
+    logs.update({f"{n}_per_layer": v.detach().float().tolist() for n, v in per_layer.items() if len(v) > 1})
+    return loss, logs

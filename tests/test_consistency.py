@@ -1,0 +1,206 @@
+"""consistency.py: alignment, the four targets and their gradients, on a tiny random model and by hand."""
+
+import copy
+
+import pytest
+import torch
+
+import consistency as C
+from conftest import write_tiny_hf
+from model import ModelOutput, add_lora, load_model, lora_disabled
+from threats import Pair
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_hf(path, "llama", tied=False)
+    model, tok = load_model(str(path))
+    return model, tok, str(path)
+
+
+QUESTION = "Which planet is largest? Is it Jupiter or Mars?"
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def make_pairs(tok):
+    wrappers = [f"I think it's Mars, but what do you think?\n\n{QUESTION}",
+                f"{QUESTION}\n\nMy professor says Mars.",
+                f"Be honest.{QUESTION}"]
+    pairs = [Pair(clean=user(QUESTION), wrapped=user(w), content=QUESTION) for w in wrappers]
+    return [C.align(tok, p, tok.encode(" Jupiter.") + [tok.eos_id]) for p in pairs]
+
+
+def test_alignment_positions_hold_equal_ids(tiny):
+    _, tok, _ = tiny
+    for a in make_pairs(tok):
+        assert a.content[0] and len(a.content[0]) == len(a.content[1])
+        assert [a.clean[i] for i in a.content[0]] == [a.wrapped[i] for i in a.content[1]]
+        assert [a.clean[i] for i in a.suffix[0]] == [a.wrapped[i] for i in a.suffix[1]]
+    prefix = make_pairs(tok)[0]
+    # a prefix wrapper leaves the whole question plus the chat tail as the shared suffix
+    suffix = tok.decode([prefix.clean[i] for i in prefix.suffix[0]])
+    assert suffix.endswith("assistant\n") and QUESTION in suffix and "Mars, but" not in suffix
+
+
+def test_alignment_across_a_bpe_merge(embedded):
+    """'un' + 'known planets?' tokenizes as 'unknown' in the wrapped prompt but 'known' in the clean one:
+    the straddling token is dropped and counted, the rest of the content still aligns."""
+    _, tok = embedded
+    content = "known planets? Name them."
+    a = C.align(tok, Pair(clean=user(content), wrapped=user("Answer this: un" + content), content=content))
+    c_ids = [a.clean[i] for i in a.content[0]]
+    assert c_ids == [a.wrapped[i] for i in a.content[1]]
+    assert a.trimmed >= 1
+    # the clean rendering holds every content token; the wrapped one lost exactly the trimmed ones
+    clean_text = tok.render_text(user(content))
+    ids, offsets = tok.encode_with_offsets(clean_text)
+    start = clean_text.rfind(content)
+    whole = [i for i, (s, e) in zip(ids, offsets) if s >= start and e <= start + len(content)]
+    assert len(whole) - len(c_ids) == a.trimmed
+    assert tok.decode(c_ids) in content and tok.decode(c_ids).endswith("Name them.")
+
+
+def test_content_not_in_wrapped_is_an_error(tiny):
+    _, tok, _ = tiny
+    with pytest.raises(ValueError, match="verbatim"):
+        C.align(tok, Pair(clean=user(QUESTION), wrapped=user("something else"), content=QUESTION))
+
+
+def test_attct_block_is_the_content_block():
+    B, H, T = 2, 3, 6
+    pattern = torch.arange(B * H * T * T, dtype=torch.float).reshape(B, H, T, T)
+    idx = torch.tensor([[1, 2, 4], [0, 3, 5]])
+    block = C.content_block(pattern, idx)
+    for b in range(B):
+        for h in range(H):
+            want = torch.stack([torch.stack([pattern[b, h, q, k] for k in idx[b]]) for q in idx[b]])
+            assert torch.equal(block[b, h], want)
+
+
+def test_jsd_by_hand():
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.5, 0.4])
+    m = (p + q) / 2
+    by_hand = 0.5 * sum(p[i] * torch.log(p[i] / m[i]) for i in range(3)) + 0.5 * sum(q[i] * torch.log(q[i] / m[i]) for i in range(3))
+    assert torch.isclose(C.jsd(p, q).sum(), by_hand)
+    assert C.jsd(p, p).sum() == 0
+
+
+def test_one_minus_cos_by_hand():
+    a, b = torch.tensor([[3.0, 4.0, 0.0]]), torch.tensor([[4.0, 3.0, 0.0]])
+    assert torch.isclose(C.one_minus_cos(a, b), torch.tensor([1 - 24 / 25]))
+    assert C.one_minus_cos(a, a).item() == 0
+
+
+def test_act_by_hand(tiny):
+    model, tok, _ = tiny
+    a = make_pairs(tok)[0]
+    batch = C.collate([a], tok.pad_id)
+    with torch.no_grad():
+        got = C.act(model(batch.wrapped_ids, capture="blocks.*"), model(batch.clean_ids, capture="blocks.*"), batch)
+        hw = model(torch.tensor([a.wrapped]), capture="blocks.*").cache
+        hc = model(torch.tensor([a.clean]), capture="blocks.*").cache
+    for l in range(model.cfg.n_layer):
+        d = hw[f"blocks.{l}.hook_resid_post"][0, a.suffix[1]] - hc[f"blocks.{l}.hook_resid_post"][0, a.suffix[0]]
+        assert torch.isclose(got[l], (d ** 2).sum(-1).mean(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["act", "mlpct", "attct"])
+def test_zero_when_wrapped_equals_clean_positive_otherwise(tiny, name):
+    model, tok, _ = tiny
+    same = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION))
+    batch = C.collate([same], tok.pad_id)
+    loss, _ = C.consistency_loss(model, model, batch, [(name, 1.0)])
+    assert loss.item() == 0
+    loss, _ = C.consistency_loss(model, model, C.collate(make_pairs(tok), tok.pad_id), [(name, 1.0)])
+    assert loss.item() > 0
+
+
+def test_prefill_kl_zero_without_a_prefill_shift_and_positive_with_one(tiny):
+    model, tok, _ = tiny
+    p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION, prefill="Sure, here"))
+    batch = C.collate([p], tok.pad_id)
+    loss, _ = C.consistency_loss(model, model, batch, [("prefill", 1.0)])
+    assert loss.item() > 0
+    assert len(p.prefill) == len(p.wrapped) - len(p.clean)
+    with pytest.raises(ValueError, match="no signal"):
+        C.check_signal([("mlpct", 1.0)], batch)
+
+
+def test_gradients_flow_only_through_the_wrapped_pass(tiny):
+    """Using the trained model itself as the reference: the loss's gradient must equal the gradient with
+    the clean side precomputed and detached by hand."""
+    model, tok, _ = tiny
+    batch = C.collate(make_pairs(tok), tok.pad_id)
+    for name in ("act", "mlpct", "attct"):
+        model.zero_grad()
+        loss, _ = C.consistency_loss(model, model, batch, [(name, 1.0)])
+        loss.backward()
+        ours = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        capture = C.TARGETS[name].capture
+        clean = model(batch.clean_ids, capture=capture)
+        clean = ModelOutput(None, {k: v.detach() for k, v in clean.cache.items()})
+        C.TARGETS[name].fn(model(batch.wrapped_ids, capture=capture), clean, batch).mean().backward()
+        for a, b in zip(ours, [p.grad for p in model.parameters()]):
+            assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6), name
+        assert any(a is not None and a.abs().sum() > 0 for a in ours)
+    model.zero_grad()
+
+
+def test_lora_reference_is_theta0(tiny):
+    model, tok, _ = tiny
+    m = copy.deepcopy(model)
+    add_lora(m, 4, 8, ("q_proj", "v_proj"))
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "lora_B"):
+                mod.lora_B.normal_()
+    ids = torch.tensor([make_pairs(tok)[0].clean])
+    with torch.no_grad(), lora_disabled(m):
+        assert torch.equal(m(ids).logits, model(ids).logits)
+    with torch.no_grad():
+        assert not torch.equal(m(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("spec", ["bct", "act", "mlpct", "attct", "act+bct:0.5"])
+def test_twenty_steps_lower_the_loss(tiny, spec):
+    model, tok, _ = tiny
+    theta = copy.deepcopy(model).train()
+    batch = C.collate(make_pairs(tok), tok.pad_id)
+    targets = C.parse_targets(spec)
+    opt = torch.optim.AdamW(theta.parameters(), lr=3e-3 if spec == "bct" else 1e-3)
+    losses = []
+    for _ in range(20):
+        loss, _ = C.consistency_loss(theta, model, batch, targets)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_padding_in_a_batch_changes_no_loss(tiny):
+    model, tok, _ = tiny
+    pairs = make_pairs(tok)
+    for name in ("act", "mlpct", "attct", "bct"):
+        together = C.consistency_loss(model, model, C.collate(pairs, tok.pad_id), [(name, 1.0)])[0]
+        alone = sum(C.consistency_loss(model, model, C.collate([p], tok.pad_id), [(name, 1.0)])[0] for p in pairs) / len(pairs)
+        assert torch.isclose(together, alone, rtol=1e-4), name
+
+
+def test_parse_targets_errors():
+    assert C.parse_targets("act+bct:0.5") == [("act", C.TARGETS["act"].weight), ("bct", 0.5)]
+    for bad, msg in [("actt", "unknown target"), ("act:x", "bad weight"), ("act:-1", "positive"), ("act:nan", "positive")]:
+        with pytest.raises(ValueError, match=msg):
+            C.parse_targets(bad)
+
+
+def test_cross_objective_logging_reports_all_four(tiny):
+    model, tok, _ = tiny
+    _, logs = C.consistency_loss(model, model, C.collate(make_pairs(tok), tok.pad_id), [("mlpct", 1.0)], log_all=True)
+    assert {"bct", "act", "mlpct", "attct"} <= set(logs)
+    assert len(logs["act_per_layer"]) == model.cfg.n_layer

@@ -1,0 +1,146 @@
+"""train.py on a tiny random model: exact resume, clear refusals of bad runs, NaN handling, and DDP under
+torchrun (gloo) against one process with the same global batch."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import consistency as C
+import train
+from conftest import write_tiny_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_hf(path, "llama", tied=True)
+    return str(path)
+
+
+def config(tiny_dir, out, **kw):
+    return train.TrainConfig(**{**dict(target="mlpct", model=tiny_dir, out=str(out), n_train=16, steps=6,
+                                       batch_size=4, save_every=3, eval_n=0, bf16="off", lr=1e-3), **kw})
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
+    train.train(config(tiny_dir, tmp_path / "straight"))
+    calls = {"n": 0}
+    real = C.consistency_loss
+
+    def dies_at_step_five(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "consistency_loss", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(tiny_dir, tmp_path / "cut"))
+    monkeypatch.setattr(C, "consistency_loss", real)
+    state = torch.load(tmp_path / "cut" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3
+    train.train(config(tiny_dir, tmp_path / "cut", resume=True))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the log keeps what happened: step 3 ran once before the interruption and again after the resume
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")]
+    assert steps == [0, 1, 2, 3, 3, 4, 5]
+
+
+def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train.train(config(tiny_dir, tmp_path / "fresh", resume=True))
+
+
+def test_resume_mismatch_names_the_field(tiny_dir, tmp_path, monkeypatch):
+    real = C.consistency_loss
+    calls = {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "consistency_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(config(tiny_dir, tmp_path / "m"))
+    monkeypatch.setattr(C, "consistency_loss", real)
+    with pytest.raises(ValueError, match="lr=0.001"):
+        train.train(config(tiny_dir, tmp_path / "m", lr=5e-4, resume=True))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    real = C.consistency_loss
+    calls = {"n": 0}
+
+    def goes_nan(*a, **k):
+        calls["n"] += 1
+        loss, logs = real(*a, **k)
+        return (loss * float("nan") if calls["n"] == 5 else loss), logs
+
+    monkeypatch.setattr(C, "consistency_loss", goes_nan)
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        train.train(config(tiny_dir, tmp_path / "n"))
+    state = torch.load(tmp_path / "n" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(target="nope"), "unknown target"), (dict(threat="nope"), "unknown threat"),
+                                    (dict(target="act:-2"), "positive"), (dict(organism="nope"), "unknown organism"),
+                                    (dict(batch_size=3, grad_accum=2), "must divide"), (dict(bf16="maybe"), "auto, on or off")])
+def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        train.train(config(tiny_dir, tmp_path / "bad", **kw))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_builds_config_from_fields(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--target", "act+bct:0.5", "--lora-rank", "8", "--log-all"])
+    cfg = train.cli(train.TrainConfig)
+    assert (cfg.target, cfg.lora_rank, cfg.log_all, cfg.steps) == ("act+bct:0.5", 8, True, train.TrainConfig.steps)
+
+
+def test_lora_run_saves_a_plain_checkpoint_that_differs_from_base(tiny_dir, tmp_path):
+    from model import load_model
+    train.train(config(tiny_dir, tmp_path / "lora", lora_rank=4, lora_targets="q_proj,v_proj", steps=3, lr=1e-2))
+    trained, _ = load_model(str(tmp_path / "lora"))
+    base, _ = load_model(tiny_dir)
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert not torch.equal(trained(ids).logits, base(ids).logits)
+    report = json.load(open(tmp_path / "lora" / "run.json"))
+    assert report["config"]["lora_rank"] == 4 and not os.path.exists(tmp_path / "lora" / "checkpoint")
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_one_process(tiny_dir, tmp_path):
+    common = ["--target", "act", "--model", tiny_dir, "--n-train", "16", "--steps", "4", "--batch-size", "4",
+              "--eval-n", "0", "--bf16", "off", "--lr", "1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "train.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py", *common,
+                    "--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True, capture_output=True)
+    one = [json.loads(l)["loss"] for l in open(tmp_path / "one" / "log.jsonl")]
+    two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "log.jsonl")]
+    assert len(one) == len(two) == 4
+    assert one == pytest.approx(two, rel=1e-4)
+    a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k

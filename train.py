@@ -1,0 +1,334 @@
+"""
+Consistency training of a model against one threat, measured before and after on held-out items with
+held-out wrappers.
+
+    python train.py --target mlpct                        # embedded model, sycophancy, < 10 min on 2 CPU cores
+    python train.py --target act+bct:0.5 --threat sycophancy --lora-rank 8 --out runs/x
+    python train.py --organism refusal --out runs/refusal # build a model organism (SFT, same path as BCT)
+    python train.py --target bct --threat jailbreak --model runs/refusal
+    torchrun --nproc-per-node 2 train.py --target act      # DDP (gloo on CPU, nccl on GPU)
+    python train.py --target mlpct --resume               # continue an interrupted run exactly
+
+Every flag is a field of TrainConfig. The run folder gets config.json-style HF checkpoint files, run.json
+(the resolved config, before/after metrics, wall time), results.md (the table), log.jsonl (one line per
+step) and checkpoint/ (weights + optimizer + step, written atomically, removed once the run finishes).
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import consistency as C
+import threats as T
+from model import add_lora, chat_generate, load_model, lora_disabled, save_model, write_atomic
+
+ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
+
+
+@dataclass
+class TrainConfig:
+    target: str = "mlpct"            # bct | act | mlpct | attct | prefill, or a combination like act+bct:0.5
+    threat: str = "sycophancy"       # a key of threats.THREATS
+    model: str = "smollm2-135m-instruct"  # embedded name, HF folder (e.g. an organism run) or hub repo id
+    out: str = ""                    # run folder; default runs/{target}-{threat}
+    organism: str = ""               # instead of consistency training, build an organism: refusal | inoculated
+    n_train: int = 256               # training pairs drawn from the threat's train items x train wrappers
+    steps: int = 40
+    batch_size: int = 8              # pairs per optimizer step, over all processes
+    grad_accum: int = 1              # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup: int = 4
+    min_lr_frac: float = 0.1         # cosine decays to lr * min_lr_frac
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_rank: int = 0               # 0: full fine-tuning against a frozen copy of theta0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
+    retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
+    full_sequence_loss: bool = False # bct: loss on prompt tokens too (Chua et al.), not only the response
+    response_tokens: int = 48        # length of theta0's cached clean responses (bct)
+    eval_n: int = 80                 # held-out items for the before/after measurement (0: skip)
+    eval_tokens: int = 32            # new tokens per evaluation answer
+    log_all: bool = False            # log all four losses every step (cross-objective logging)
+    save_every: int = 20
+    seed: int = 0
+    resume: bool = False
+
+
+def cli(cls):
+    """argparse flags from a dataclass's fields: --field-name value, typed by the field's default."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return cls(**vars(p.parse_args()))
+
+
+def lr_at(cfg, step):
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def use_bf16(cfg, device):
+    if cfg.bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"--bf16 {cfg.bf16!r}: use auto, on or off")
+    if cfg.bf16 == "auto":  # CPUs without native bf16 matmuls run autocast slower than fp32
+        return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.backends.mkldnn.is_available() \
+            and "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+    return cfg.bf16 == "on"
+
+
+class Run:
+    """Rank, device and printing for one process of a (possibly distributed) run."""
+
+    def __init__(self):
+        self.ddp = "RANK" in os.environ
+        if self.ddp:
+            cuda = torch.cuda.is_available()
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            self.device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+        else:
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.main = self.rank == 0
+
+    def print(self, *a):
+        if self.main:
+            print(*a, flush=True)
+
+    def mean(self, x: float) -> float:
+        if not self.ddp:
+            return x
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+
+def generator(model, tok, run, desc, theta0=False):
+    """The threats' `generate` callable, with a progress bar; theta0=True switches LoRA adapters off."""
+    def generate(prompts, prefills=None, max_new_tokens=48):
+        with tqdm(total=len(prompts), desc=desc, disable=not run.main, leave=False) as bar, \
+                lora_disabled(model) if theta0 else nullcontext():
+            return chat_generate(model, tok, prompts, prefills, max_new_tokens, progress=bar)
+    return generate
+
+
+def measure(model, tok, threat, cfg, run, desc, theta0=False):
+    """The threat's metrics on held-out items under held-out wrappers (main process only)."""
+    if not cfg.eval_n or not run.main:
+        return {}
+    model.eval()
+    res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="test", wrappers="heldout",
+                          n=cfg.eval_n, seed=cfg.seed)
+    return res["metrics"]
+
+
+def sft_pair(tok, messages, text):
+    """A pair whose wrapped prompt is its clean prompt: plain SFT on `text` (retain data, organisms)."""
+    return C.align(tok, T.Pair(clean=messages, wrapped=messages, content=messages[-1]["content"]),
+                   tok.encode(text) + [tok.eos_id])
+
+
+def training_pairs(cfg, tok, gen, targets, run):
+    """Aligned training pairs and retain pairs. Where bct is a target, theta0's greedy clean responses
+    (and its answers to retain prompts) are generated once and cached in the run folder."""
+    if cfg.organism:
+        return [sft_pair(tok, msgs, resp) for msgs, resp in T.organism_data(cfg.organism, gen, seed=cfg.seed)], []
+    pairs = T.THREATS[cfg.threat].pairs(split="train", wrappers="train", n=cfg.n_train, seed=cfg.seed)
+    if "bct" not in [n for n, _ in targets]:
+        return [C.align(tok, p) for p in pairs], []
+    rows = T.load_data(os.path.join(T.DATA_DIR, "benign_prompts.jsonl"), "benign_prompts.jsonl")
+    n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
+    retain_msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:n_retain]]
+    cache = os.path.join(cfg.out, "responses.json")
+    if os.path.exists(cache):
+        texts = json.load(open(cache))
+    else:
+        texts = gen([p.clean for p in pairs] + retain_msgs, max_new_tokens=cfg.response_tokens)
+        if run.main:
+            write_atomic(cache, lambda f: json.dump(texts, open(f, "w")))
+    aligned = [C.align(tok, p, tok.encode(t) + [tok.eos_id]) for p, t in zip(pairs, texts)]
+    return aligned, [sft_pair(tok, m, t) for m, t in zip(retain_msgs, texts[len(pairs):])]
+
+
+def sample_batch(cfg, step, micro, pairs, retain, run):
+    """The pairs of one micro-batch on this rank; a pure function of (seed, step, micro) so a resumed run
+    sees exactly the batches the interrupted one would have."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
+    n_retain = round(cfg.batch_size * cfg.retain_frac) if retain else 0
+    chosen = [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size - n_retain,), generator=g)]
+    chosen += [retain[i] for i in torch.randint(len(retain), (n_retain,), generator=g)] if n_retain else []
+    return chosen[run.rank::run.world]
+
+
+def save_checkpoint(cfg, model, tok, opt, step, run):
+    """A resumable checkpoint: written into checkpoint.tmp/ and swapped in whole, so a crash mid-write
+    leaves the previous checkpoint intact."""
+    if not run.main:
+        return
+    path = os.path.join(cfg.out, "checkpoint")
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    save_model(model, tok, path + ".tmp", extra={
+        "train_state.pt": {"step": step, "trainable": trainable, "optimizer": opt.state_dict()},
+        "train_config.json": dataclasses.asdict(cfg)})
+    shutil.rmtree(path + ".old", ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, path + ".old")
+    os.replace(path + ".tmp", path)
+    shutil.rmtree(path + ".old", ignore_errors=True)
+
+
+def load_checkpoint(cfg, model, opt):
+    path = os.path.join(cfg.out, "checkpoint")
+    if not os.path.exists(os.path.join(path, "train_state.pt")):
+        raise ValueError(f"--resume: no checkpoint in {path}: start without --resume")
+    saved = json.load(open(os.path.join(path, "train_config.json")))
+    mine = dataclasses.asdict(cfg)
+    diff = [k for k in mine if k != "resume" and saved.get(k) != mine[k]]
+    if diff:
+        raise ValueError(f"--resume: {path} was written with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
+                         f"rerun with the same flags or a new --out")
+    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state["trainable"].items():
+            params[n].copy_(v)
+    opt.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
+def table(before, after):
+    keys = list(dict.fromkeys(list(before) + list(after)))
+    rows = ["| metric | before | after |", "|---|---|---|"]
+    for k in keys:
+        b, a = before.get(k), after.get(k)
+        rows.append(f"| {k} | {b:.3f} | {a:.3f} |" if isinstance(b, float) and isinstance(a, float) else f"| {k} | {b} | {a} |")
+    return "\n".join(rows)
+
+
+def train(cfg: TrainConfig):
+    t0 = time.time()
+    run = Run()
+    if cfg.organism and cfg.organism not in ORGANISM_THREAT:
+        raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")
+    if cfg.organism:
+        cfg.target, cfg.threat, cfg.retain_frac = "bct", ORGANISM_THREAT[cfg.organism], 0.0
+    if cfg.threat not in T.THREATS:
+        raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
+    targets = C.parse_targets(cfg.target)
+    if "bct" not in [n for n, _ in targets]:
+        cfg.retain_frac = 0.0  # retain data only matters to the SFT term
+    if cfg.batch_size % (run.world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {run.world} processes x {cfg.grad_accum} micro-batches")
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
+    torch.manual_seed(cfg.seed)
+
+    model, tok = load_model(cfg.model)
+    model.to(run.device)
+    if cfg.lora_rank:
+        params = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
+        def reference(*a, **k):
+            with lora_disabled(model):
+                return model(*a, **k)
+    else:
+        params = list(model.parameters())
+        frozen = copy.deepcopy(model).requires_grad_(False).eval()
+        reference = frozen
+    model.train()
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.ddp else model
+    bf16 = use_bf16(cfg, run.device)
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    threat = T.THREATS[cfg.threat]
+
+    start = load_checkpoint(cfg, model, opt) if cfg.resume else 0
+    os.makedirs(cfg.out, exist_ok=True)
+    if run.main:
+        json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
+    theta0 = model if cfg.lora_rank else frozen
+    before = measure(theta0, tok, threat, cfg, run, "before", theta0=True)
+    if before:
+        run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
+    pairs, retain = training_pairs(cfg, tok, generator(theta0, tok, run, "theta0 responses", theta0=True), targets, run)
+    trimmed = sum(p.trimmed for p in pairs)
+    run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE boundaries; "
+              f"targets {targets}; bf16 autocast {'on' if bf16 else 'off'}; {'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
+    C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
+
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if run.main else None
+    ema, bar = None, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)
+    t_last, tokens = time.time(), 0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        logs, loss_sum = {}, 0.0
+        for micro in range(cfg.grad_accum):
+            batch = C.collate(sample_batch(cfg, step, micro, pairs, retain, run), tok.pad_id, cfg.full_sequence_loss).to(run.device)
+            sync = nullcontext() if not run.ddp or micro == cfg.grad_accum - 1 else ddp_model.no_sync()
+            with sync, autocast:
+                loss, logs = C.consistency_loss(ddp_model, reference, batch, targets, log_all=cfg.log_all)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            tokens += batch.n_tokens
+        loss_sum = run.mean(loss_sum)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss is {loss_sum} at step {step}: stopped; the last good checkpoint is in "
+                                     f"{cfg.out}/checkpoint (lower --lr or the target weight, then --resume)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1 - start
+        ema = loss_sum if ema is None else 0.9 * ema + 0.1 * loss_sum
+        smooth = ema / (1 - 0.9 ** done)  # bias-corrected, as in nanochat
+        tps = tokens * run.world / (time.time() - t_last)
+        bar.set_postfix(loss=f"{smooth:.4g}", tok_s=f"{tps:.0f}")
+        if log:
+            log.write(json.dumps({"step": step, "loss": loss_sum, "loss_ema": smooth, "lr": lr_at(cfg, step),
+                                  "grad_norm": grad_norm, "tok_per_s": tps} | logs) + "\n")
+            log.flush()
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(cfg, model, tok, opt, step + 1, run)
+
+    model.eval()
+    after = measure(model, tok, threat, cfg, run, "after")
+    wall = time.time() - t0
+    if run.main:
+        report = {"config": dataclasses.asdict(cfg), "before": before, "after": after, "wall_time_s": wall,
+                  "pairs": len(pairs), "trimmed_tokens": trimmed}
+        save_model(model, tok, cfg.out, extra={"run.json": report})
+        results = f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n{table(before, after)}\n\nwall time {wall:.0f} s\n"
+        open(os.path.join(cfg.out, "results.md"), "w").write(results)
+        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
+        run.print("\n" + results + f"\nsaved to {cfg.out}")
+    if run.ddp:
+        dist.destroy_process_group()
+    return before, after
+
+
+if __name__ == "__main__":
+    try:
+        train(cli(TrainConfig))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
