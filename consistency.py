@@ -34,6 +34,7 @@ class AlignedPair:
     content: tuple[list, list]     # positions of the clean-content tokens in (clean, wrapped), ids equal
     prefill: list[int]             # wrapped positions whose next-token prediction follows >= 1 prefill token
     trimmed: int                   # content tokens dropped because a BPE merge crossed the boundary
+    content_moved: bool            # False when the wrapper only follows the content: mlpct/attct see no change
 
 
 def shared_suffix(a: list[int], b: list[int]) -> int:
@@ -64,13 +65,17 @@ def align(tok, pair, response: list[int] | None = None) -> AlignedPair:
     w_tok = content_tokens(wrapped, w_off, ws, ws + len(pair.content))
     both = sorted(c_tok.keys() & w_tok.keys())
     n_prompt = len(tok.encode(tok.render_text(pair.wrapped))) if pair.prefill else len(wrapped)
-    n = shared_suffix(clean, wrapped[:n_prompt])
+    # prefill tokens count as input here: they end the wrapped prompt, so nothing is shared after them
+    n = shared_suffix(clean, wrapped)
+    content = ([c_tok[k] for k in both], [w_tok[k] for k in both])
+    last = content[0][-1] + 1 if both else 0
     return AlignedPair(
         clean=clean, wrapped=wrapped, response=list(response or []),
-        suffix=(list(range(len(clean) - n, len(clean))), list(range(n_prompt - n, n_prompt))),
-        content=([c_tok[k] for k in both], [w_tok[k] for k in both]),
-        prefill=list(range(n_prompt, len(wrapped))),
-        trimmed=max(len(c_tok), len(w_tok)) - len(both))
+        suffix=(list(range(len(clean) - n, len(clean))), list(range(len(wrapped) - n, len(wrapped)))),
+        content=content, prefill=list(range(n_prompt, len(wrapped))),
+        trimmed=max(len(c_tok), len(w_tok)) - len(both),
+        # causal attention: if everything up to the content's end is identical, so are its internals
+        content_moved=not both or clean[:last] != wrapped[:content[1][-1] + 1])
 
 
 @dataclass

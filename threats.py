@@ -74,7 +74,6 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("train", "test")
 WRAPPERS = ("train", "heldout")
-GEN_BATCH = 32          # prompts per generate() call; bounds memory on small machines
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,18 +146,14 @@ def _assign(count, names, rng):
 
 
 def _generate(generate, prompts, prefills=None, max_new_tokens=48):
-    """Call the user's batched generate in chunks and check that it keeps its contract."""
-    outs = []
-    for i in range(0, len(prompts), GEN_BATCH):
-        chunk = prompts[i:i + GEN_BATCH]
-        pre = None if prefills is None else prefills[i:i + GEN_BATCH]
-        got = generate(chunk, prefills=pre, max_new_tokens=max_new_tokens)
-        if not isinstance(got, (list, tuple)) or len(got) != len(chunk) or not all(isinstance(g, str) for g in got):
-            size = len(got) if hasattr(got, "__len__") else "?"
-            raise ValueError(f"generate returned {type(got).__name__} of length {size} for {len(chunk)} prompts; "
-                             "it must return one continuation string per prompt")
-        outs += list(got)
-    return outs
+    """Call the user's batched generate once (it batches and sorts by length itself) and check that it
+    keeps its contract."""
+    got = generate(prompts, prefills=prefills, max_new_tokens=max_new_tokens)
+    if not isinstance(got, (list, tuple)) or len(got) != len(prompts) or not all(isinstance(g, str) for g in got):
+        size = len(got) if hasattr(got, "__len__") else "?"
+        raise ValueError(f"generate returned {type(got).__name__} of length {size} for {len(prompts)} prompts; "
+                         "it must return one continuation string per prompt")
+    return list(got)
 
 
 # ------------------------------------------------------------------------------------------------

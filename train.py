@@ -17,6 +17,7 @@ step) and checkpoint/ (weights + optimizer + step, written atomically, removed o
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -60,8 +61,7 @@ class TrainConfig:
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
     full_sequence_loss: bool = False # bct: loss on prompt tokens too (Chua et al.), not only the response
     response_tokens: int = 48        # length of theta0's cached clean responses (bct)
-    eval_n: int = 80                 # held-out items for the before/after measurement (0: skip)
-    eval_tokens: int = 32            # new tokens per evaluation answer
+    eval_n: int = 89                 # held-out items for the before/after measurement (0: skip)
     log_all: bool = False            # log all four losses every step (cross-objective logging)
     save_every: int = 20
     seed: int = 0
@@ -70,7 +70,8 @@ class TrainConfig:
 
 def cli(cls):
     """argparse flags from a dataclass's fields: --field-name value, typed by the field's default."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -142,6 +143,23 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
     return res["metrics"]
 
 
+def baseline(cfg, compute):
+    """theta0's metrics depend only on the model, the threat code, eval size and seed: compute them once and
+    keep them in runs/.baselines/, so comparing targets does not re-measure the same base model every run."""
+    weights = os.path.join(cfg.model, "model.safetensors")
+    key = json.dumps([cfg.model, os.path.getmtime(weights) if os.path.exists(weights) else 0, cfg.threat,
+                      hashlib.sha1(open(T.__file__, "rb").read()).hexdigest(),
+                      cfg.eval_n, cfg.seed])
+    path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), ".baselines",
+                        hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    metrics = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, lambda f: json.dump(metrics, open(f, "w")))
+    return metrics
+
+
 def sft_pair(tok, messages, text):
     """A pair whose wrapped prompt is its clean prompt: plain SFT on `text` (retain data, organisms)."""
     return C.align(tok, T.Pair(clean=messages, wrapped=messages, content=messages[-1]["content"]),
@@ -154,7 +172,21 @@ def training_pairs(cfg, tok, gen, targets, run):
     if cfg.organism:
         return [sft_pair(tok, msgs, resp) for msgs, resp in T.organism_data(cfg.organism, gen, seed=cfg.seed)], []
     pairs = T.THREATS[cfg.threat].pairs(split="train", wrappers="train", n=cfg.n_train, seed=cfg.seed)
-    if "bct" not in [n for n, _ in targets]:
+    names = {n for n, _ in targets}
+    if names <= {"mlpct", "attct"}:
+        # a wrapper that only follows the content leaves the content's internals unchanged under causal
+        # attention: such pairs carry exactly zero loss and gradient for these targets, so drop them
+        aligned = [C.align(tok, p) for p in pairs]
+        moved = [a for a in aligned if a.content_moved]
+        if not moved:
+            raise ValueError(f"{'+'.join(sorted(names))} gets no signal on {cfg.threat}: every wrapper follows the "
+                             f"clean content, so under causal attention the content's internals never change; "
+                             f"use act or bct for this threat")
+        if run.main and len(moved) < len(aligned):
+            print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows the content "
+                  f"(no {'/'.join(sorted(names))} signal under causal attention)")
+        return moved, []
+    if "bct" not in names:
         return [C.align(tok, p) for p in pairs], []
     rows = T.load_data(os.path.join(T.DATA_DIR, "benign_prompts.jsonl"), "benign_prompts.jsonl")
     n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
@@ -268,7 +300,7 @@ def train(cfg: TrainConfig):
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
     theta0 = model if cfg.lora_rank else frozen
-    before = measure(theta0, tok, threat, cfg, run, "before", theta0=True)
+    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True)) if run.main else {}
     if before:
         run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
     pairs, retain = training_pairs(cfg, tok, generator(theta0, tok, run, "theta0 responses", theta0=True), targets, run)

@@ -1,6 +1,5 @@
 """Shared test fixtures: tiny random Hugging Face checkpoints written offline, and the embedded model."""
 
-import json
 import os
 import sys
 
@@ -14,7 +13,7 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
 
 
 def write_byte_tokenizer(path):
-    """A 256-byte BPE tokenizer plus ChatML specials, built with the `tokenizers` library (not our code)."""
+    """A 256-byte BPE tokenizer plus two ChatML specials (258 ids, the tiny models' vocabulary), built with the `tokenizers` library (not our code)."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -44,7 +43,7 @@ def write_tiny_hf(path, family="llama", tied=False, seed=0):
     transformers = pytest.importorskip("transformers")
     spec = HF_CONFIGS[family]
     cfg = getattr(transformers, spec["arch"])(
-        vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=tied, eos_token_id=257, bos_token_id=256, **spec["extra"])
     torch.manual_seed(seed)

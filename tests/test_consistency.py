@@ -128,6 +128,18 @@ def test_prefill_kl_zero_without_a_prefill_shift_and_positive_with_one(tiny):
     assert len(p.prefill) == len(p.wrapped) - len(p.clean)
     with pytest.raises(ValueError, match="no signal"):
         C.check_signal([("mlpct", 1.0)], batch)
+    with pytest.raises(ValueError, match="no shared suffix"):
+        C.check_signal([("act", 1.0)], batch)
+
+
+def test_a_wrapper_after_the_content_moves_nothing_in_it(tiny):
+    """Causal attention: text appended after the content cannot change the content's internals."""
+    model, tok, _ = tiny
+    before, after, _ = make_pairs(tok)
+    assert before.content_moved and not after.content_moved
+    batch = C.collate([after], tok.pad_id)
+    for name in ("mlpct", "attct"):
+        assert C.consistency_loss(model, model, batch, [(name, 1.0)])[0].item() == 0
 
 
 def test_gradients_flow_only_through_the_wrapped_pass(tiny):

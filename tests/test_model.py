@@ -16,7 +16,7 @@ FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, T
 def test_parity_with_transformers(tmp_path, family, tied):
     ref = write_tiny_hf(tmp_path, family, tied)
     model, _ = load_model(str(tmp_path))
-    ids = torch.randint(0, 260, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 258, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(ids).logits - ref(ids).logits).abs().max().item()
     assert diff <= 1e-4, f"{family} tied={tied}: max |logit diff| {diff}"
@@ -56,7 +56,7 @@ def test_capture_names_and_shapes(tiny):
     model, _, _ = tiny
     cfg = model.cfg
     B, T = 2, 7
-    out = model(torch.randint(0, 260, (B, T)), capture=["blocks.*"])
+    out = model(torch.randint(0, 258, (B, T)), capture=["blocks.*"])
     expected = {}
     for l in range(cfg.n_layer):
         expected[f"blocks.{l}.hook_resid_post"] = (B, T, cfg.d_model)
@@ -67,7 +67,7 @@ def test_capture_names_and_shapes(tiny):
 
 def test_capture_changes_no_logits_and_detaches_nothing(tiny):
     model, _, _ = tiny
-    ids = torch.randint(0, 260, (2, 9))
+    ids = torch.randint(0, 258, (2, 9))
     plain = model(ids).logits
     out = model(ids, capture=["blocks.*"])
     assert torch.allclose(plain, out.logits, atol=1e-5)
@@ -80,7 +80,7 @@ def test_capture_changes_no_logits_and_detaches_nothing(tiny):
 
 def test_manual_attention_equals_sdpa_and_pattern_is_causal(tiny):
     model, _, _ = tiny
-    ids = torch.randint(0, 260, (3, 11))
+    ids = torch.randint(0, 258, (3, 11))
     with torch.no_grad():
         sdpa = model(ids, capture=["blocks.*.hook_resid_post"]).cache
         manual = model(ids, capture=["blocks.*"]).cache
@@ -95,7 +95,7 @@ def test_pattern_matches_transformers_eager(tmp_path):
     ref = write_tiny_hf(tmp_path, "llama", tied=False)
     model, _ = load_model(str(tmp_path))
     ref.config._attn_implementation = "eager"
-    ids = torch.randint(0, 260, (1, 12))
+    ids = torch.randint(0, 258, (1, 12))
     with torch.no_grad():
         theirs = ref(ids, output_attentions=True, output_hidden_states=True)
         ours = model(ids, capture=["blocks.*.attn.hook_pattern", "blocks.*.hook_resid_post"]).cache
@@ -110,7 +110,7 @@ def test_pattern_matches_transformers_eager(tmp_path):
 def test_padding_gives_per_example_results(tiny, side):
     model, _, _ = tiny
     lengths = [5, 12, 8]
-    rows = [torch.randint(0, 260, (n,)) for n in lengths]
+    rows = [torch.randint(0, 258, (n,)) for n in lengths]
     T = max(lengths)
     ids = torch.zeros(len(rows), T, dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -162,7 +162,7 @@ def test_save_load_roundtrip_and_transformers_opens_it(tiny, tmp_path):
     save_model(model, tok, str(out))
     again, _ = load_model(str(out))
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    ids = torch.randint(0, 260, (2, 10))
+    ids = torch.randint(0, 258, (2, 10))
     with torch.no_grad():
         want = model(ids).logits
         assert torch.equal(again(ids).logits, want)
@@ -195,7 +195,7 @@ def test_hub_repo_id_loads_through_snapshot_download(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     loaded, _ = load_model("someone/tiny-qwen3")
-    ids = torch.randint(0, 260, (1, 6))
+    ids = torch.randint(0, 258, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
