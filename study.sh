@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The whole study in one command: build the model organisms the model needs, train every consistency target on
+# every threat the model supports, then eval.py's cross-threat matrix, mechanism plots and report.
+#
+#   ./study.sh                                       # embedded SmolLM2-135M-Instruct on the CPU -> runs/study/
+#   QUICK=1 OUT=runs/quick ./study.sh                # 2 steps and a few items per run: checks the pipeline
+#   MODEL=Qwen/Qwen2.5-0.5B-Instruct OUT=runs/qwen ./study.sh
+#
+# What is trained (DESIGN §4-6):
+#   sycophancy, persona, frustration   bct act mlpct attct, from MODEL
+#   jailbreak                          bct act mlpct attct, from a model that refuses: MODEL itself, or for the
+#                                      embedded model (which never refuses) the `refusal` organism
+#   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
+#   conditional                        bct act mlpct attct, from the `inoculated` organism
+# Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS),
+# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (60, items per threat), MECH_N (32),
+# REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
+# flags for every train.py / the eval.py call). A run whose run.json exists is skipped, so rerunning the script
+# resumes an interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
+# Threads: torch uses every core; OMP_NUM_THREADS=N limits it.
+# Wall time: the script measures itself and appends the total to the report (OUT/report/results.md).
+#   QUICK=1 with a tiny random model (tests/conftest.py), 2 shared CPU cores: 8 min (training 4, evaluation 4).
+#   Full run, embedded model, 2 CPU cores: not yet measured (24 train.py runs, then 25 models evaluated).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+MODEL=${MODEL:-smollm2-135m-instruct}
+OUT=${OUT:-runs/study}
+if [[ -n "${QUICK:-}" ]]; then
+    STEPS=${STEPS:-2}; N_TRAIN=${N_TRAIN:-8}; BATCH_SIZE=${BATCH_SIZE:-2}; EVAL_N=${EVAL_N:-4}; MECH_N=${MECH_N:-4}
+    QUICK_TRAIN="--response-tokens 8 --save-every 1000"
+    QUICK_EVAL="--max-new-tokens 8 --boot 100 --ppl-lines 16"
+fi
+STEPS=${STEPS:-40}
+ORGANISM_STEPS=${ORGANISM_STEPS:-$STEPS}
+N_TRAIN=${N_TRAIN:-256}
+BATCH_SIZE=${BATCH_SIZE:-8}
+EVAL_N=${EVAL_N:-60}
+MECH_N=${MECH_N:-32}
+REFUSAL_ORGANISM=${REFUSAL_ORGANISM:-auto}
+[[ $REFUSAL_ORGANISM == auto ]] && REFUSAL_ORGANISM=$([[ $MODEL == smollm2-135m-instruct ]] && echo 1 || echo 0)
+TRAIN="--steps $STEPS --n-train $N_TRAIN --batch-size $BATCH_SIZE --eval-n 0 ${LR:+--lr $LR} ${QUICK_TRAIN:-} ${TRAIN_FLAGS:-}"
+mkdir -p "$OUT/logs" "$OUT/runs" "$OUT/organisms"
+
+train_time=0
+train() {  # train NAME FLAGS...: one train.py run into OUT/NAME, skipped when finished before
+    local name=$1; shift
+    local dir=$OUT/$name
+    if [[ -f $dir/run.json ]]; then echo "  $name: done before, skipped"; return; fi
+    local t0=$SECONDS
+    printf '  %-34s' "$name"
+    if ! python train.py "$@" --out "$dir" > "$OUT/logs/${name//\//_}.log" 2>&1; then
+        echo "FAILED"; tail -5 "$OUT/logs/${name//\//_}.log"; exit 1
+    fi
+    echo "$((SECONDS - t0)) s"
+    train_time=$((train_time + SECONDS - t0))
+}
+
+echo "== organisms ($MODEL)"
+REFUSER=$MODEL
+if [[ $REFUSAL_ORGANISM == 1 ]]; then
+    train organisms/refusal --organism refusal --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS"
+    REFUSER=$OUT/organisms/refusal
+fi
+train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS"
+
+echo "== consistency training"
+for threat in sycophancy persona frustration jailbreak prefill conditional; do
+    case $threat in
+        jailbreak) base=$REFUSER; targets="bct act mlpct attct" ;;
+        prefill) base=$REFUSER; targets="bct prefill" ;;
+        conditional) base=$OUT/organisms/inoculated; targets="bct act mlpct attct" ;;
+        *) base=$MODEL; targets="bct act mlpct attct" ;;
+    esac
+    for target in $targets; do
+        train "runs/$target-$threat" --target "$target" --threat "$threat" --model "$base" $TRAIN
+    done
+done
+
+echo "== evaluation: matrix, mechanism, report"
+t0=$SECONDS
+python eval.py --matrix "$OUT"/runs/* --out "$OUT/report" --n "$EVAL_N" --mech-n "$MECH_N" ${QUICK_EVAL:-} \
+    ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/logs/eval.log"
+eval_time=$((SECONDS - t0))
+cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //' || true)
+line="Study wall time: $SECONDS s (training $train_time s, evaluation $eval_time s) on $(nproc) cores ($cpu), MODEL=$MODEL STEPS=$STEPS EVAL_N=$EVAL_N${QUICK:+ QUICK}; runs finished before this invocation are not counted."
+echo "$line" | tee -a "$OUT/report/results.md"

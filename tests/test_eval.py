@@ -1,0 +1,191 @@
+"""eval.py: scoring on fake models, bootstrap intervals by hand, perplexity against transformers, and the
+matrix, plots and mechanism from two tiny checkpoints (no file of theirs touched)."""
+
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+import eval as ev
+import threats as T
+from conftest import write_tiny_hf
+from model import load_model
+
+# ----------------------------------------------------------------------------- a fake multiple-choice model
+
+
+def fake_mcq_model(follow):
+    """generate() of a fake model. It finds the question's options (from the data file) in the user turns;
+    an option named more often than the others is the suggested one (the listing names each once). With a
+    suggestion it answers that option (follow=True) or another one; without, it says nothing parseable."""
+    items = T.THREATS["sycophancy"].items("test")
+
+    def named(option, letter, text):
+        return (len(re.findall(r"(?<![\w.])" + re.escape(option) + r"(?![\w])", text, re.I))
+                + text.count(f"({letter})"))
+
+    def answer(msgs):
+        said = "\n".join(m["content"] for m in msgs if m["role"] == "user")
+        item = max((it for it in items if it["question"] in said), key=lambda it: len(it["question"]))
+        said = said.replace(item["question"], "")
+        counts = [named(o, "ABCD"[i], said) for i, o in enumerate(item["options"])]
+        top = max(counts)
+        if counts.count(top) > 1:
+            return "I am not sure."
+        s = counts.index(top)
+        pick = s if follow else next(i for i in range(len(counts)) if i != s)
+        return f"The answer is {item['options'][pick]}."
+
+    def generate(prompts, prefills=None, max_new_tokens=48):
+        return [answer(m) for m in prompts]
+    return generate
+
+
+@pytest.mark.parametrize("follow,expected", [(True, 1.0), (False, 0.0)])
+def test_switch_rate_of_a_model_that_always_or_never_follows(follow, expected):
+    res, records = ev.score_threat(T.THREATS["sycophancy"], fake_mcq_model(follow), n=24, seed=0, n_boot=200)
+    m = res["metrics"]
+    assert len(records) == 24 and res["n"] == 24
+    assert m["suggested_rate"] == expected and m["suggested_rate_clean"] == 0.0
+    assert m["brr"] == expected
+    assert res["ci"]["brr"] == [expected, expected]   # every resample agrees
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def mcq_records(switched, stayed):
+    rec = lambda s: {"id": "q", "family": "f", "answer": 0, "suggested": 1, "clean_choice": 0,
+                     "wrapped_choice": 1 if s else 0}
+    return [rec(True) for _ in range(switched)] + [rec(False) for _ in range(stayed)]
+
+
+def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_items():
+    fn = T.THREATS["sycophancy"].metrics
+    few, many = mcq_records(6, 14), mcq_records(24, 56)        # brr 6/20 = 0.3 in both
+    lo, hi = ev.bootstrap(fn, few, 2000, seed=0)["brr"]
+    lo4, hi4 = ev.bootstrap(fn, many, 2000, seed=0)["brr"]
+    assert lo <= 0.3 <= hi and lo4 <= 0.3 <= hi4
+    assert hi - lo > 0.2                       # sd of a 20-item share near 0.3 is ~0.10
+    assert hi4 - lo4 < 0.7 * (hi - lo)         # 4x the items: about half the width
+    assert "n" not in ev.bootstrap(fn, few, 10)  # counts get no interval
+
+
+def test_paired_change_interval():
+    fn = T.THREATS["sycophancy"].metrics
+    base, trained = mcq_records(12, 8), mcq_records(0, 20)     # 0.6 -> 0.0
+    change, lo, hi = ev.bootstrap_change(fn, base, trained, 1000, seed=0)["brr"]
+    assert change == pytest.approx(-0.6) and lo <= change <= hi < 0
+    assert ev.bootstrap_change(fn, base, base, 200)["brr"] == [0.0, 0.0, 0.0]
+
+# ----------------------------------------------------------------------------- tiny checkpoints
+
+
+def tiny(path, seed):
+    """conftest's tiny model, its vocabulary cut to the 258 ids its byte tokenizer can decode (generation runs)."""
+    ref = write_tiny_hf(path, seed=seed)
+    ref.resize_token_embeddings(258)
+    ref.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny base model and two "trained" checkpoints of it (other random weights) with hand-written run.json."""
+    root = tmp_path_factory.mktemp("runs")
+    tiny(root / "base", seed=0)
+    for name, threat, target, seed in (("act-sycophancy", "sycophancy", "act", 1), ("bct-prefill", "prefill", "bct", 2)):
+        tiny(root / name, seed=seed)
+        run = {"config": {"target": target, "threat": threat, "model": str(root / "base")}, "before": {}, "after": {},
+               "wall_time_s": 1.0}
+        (root / name / "run.json").write_text(json.dumps(run))
+    return root
+
+
+def snapshot(folder):
+    return {p: (os.path.getsize(os.path.join(folder, p)), os.path.getmtime(os.path.join(folder, p)))
+            for p in os.listdir(folder)}
+
+
+def run_cli(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["eval.py", *map(str, args)])
+    ev.main()
+
+
+SMALL = ["--n", 3, "--boot", 20, "--mech-n", 3, "--max-new-tokens", 3, "--ppl-lines", 6, "--threats",
+         "sycophancy,prefill"]
+
+
+def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch):
+    ckpts = [runs / "act-sycophancy", runs / "bct-prefill"]
+    before = {c: snapshot(c) for c in ckpts + [runs / "base"]}
+    out = tmp_path / "matrix"
+    run_cli(monkeypatch, "--matrix", *ckpts, "--out", out, *SMALL)
+    for c, snap in before.items():
+        assert snapshot(c) == snap, f"{c} was written to"
+    for png in ("matrix.png", "bars.png", "mechanism_sycophancy.png", "mechanism_prefill.png"):
+        assert (out / png).stat().st_size > 1000, png
+    res = json.loads((out / "results.json").read_text())
+    m = res["matrix"]
+    assert m["rows"] == ["sycophancy/act", "prefill/bct"] and m["cols"] == ["sycophancy", "prefill"]
+    assert [len(r) for r in m["change"]] == [2, 2] and m["metric"] == {"sycophancy": "brr", "prefill": "par"}
+    assert set(res["models"]) == {"base:base", "sycophancy/act", "prefill/bct"}
+    assert res["config"]["n"] == 3 and res["config"]["out"] == str(out)
+    for label, model in res["models"].items():
+        assert set(model["threats"]) == {"sycophancy", "prefill"}
+        assert set(model["capability"]["metrics"]) == {"clean_accuracy", "perplexity", "benign_refusal_rate"}
+        for name, r in model["threats"].items():
+            for k, (lo, hi) in r["ci"].items():
+                v = r["metrics"][k]
+                assert v is None or lo <= v + 1e-9 and v - 1e-9 <= hi, (label, name, k)
+    # mechanism: every target per layer on sycophancy; on prefill pairs mlpct and attct have no signal (DESIGN §2)
+    syc = res["mechanism"]["sycophancy"]["models"]
+    assert set(syc) == {"base", "sycophancy/act"}
+    assert {"bct", "act", "mlpct", "attct"} <= set(syc["base"]) and len(syc["base"]["act_per_layer"]) == 3
+    assert syc["sycophancy/act"]["act"] > syc["base"]["act"]    # other weights move the residual stream more
+    pre = res["mechanism"]["prefill"]["models"]["prefill/bct"]
+    assert {"prefill", "bct"} <= set(pre) and not {"mlpct", "attct"} & set(pre)
+    md = (out / "results.md").read_text()
+    assert "| sycophancy/act |" in md and "matrix.png" in md
+
+
+def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
+    ckpt = runs / "act-sycophancy"
+    before = snapshot(ckpt)
+    run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism")
+    after = snapshot(ckpt)
+    assert set(after) - set(before) == {"eval"} and all(after[p] == before[p] for p in before)
+    assert (ckpt / "eval" / "bars.png").stat().st_size > 1000
+    res = json.loads((ckpt / "eval" / "results.json").read_text())
+    assert set(res["models"]) == {"base", "sycophancy/act"} and res["mechanism"] == {}
+    assert {"sycophancy", "capability"} == set(res["rows"][0]["changes"])
+
+
+def test_perplexity_matches_transformers(runs):
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(runs / "base").eval()
+    model, tok = load_model(str(runs / "base"))
+    lines = ["The honeybee is a social insect.", "Rivers flow to the sea, mostly.", "A short line."]
+    nll = tokens = 0.0
+    with torch.no_grad():
+        for line in lines:   # one line at a time, no padding: the reference sees no batching at all
+            ids = torch.tensor([tok.encode(line)])
+            nll += ref(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            tokens += ids.shape[1] - 1
+    got = ev.perplexity_of(ev.line_nll(model, tok, lines, batch_size=3))["perplexity"]
+    assert got == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ckpt", "/no/such/run"], "no such checkpoint folder"),
+    (["--matrix", "{base}"], "has no run.json"),
+    (["--ckpt", "{ckpt}", "--threats", "sycophancy,flattery"], "unknown threat 'flattery'"),
+    ([], "pass --ckpt DIR or --matrix"),
+])
+def test_one_line_errors(runs, monkeypatch, args, message):
+    args = [a.format(base=runs / "base", ckpt=runs / "act-sycophancy") for a in args]
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, *args)
+    assert message in str(e.value.code) and "\n" not in str(e.value.code)
