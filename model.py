@@ -246,7 +246,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True) -> ModelOutput:
         """idx (B, T) token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (left or
-        right). Positions count real tokens only, so a padded row gives the same results as that row alone."""
+        right). Positions count real tokens only, so a padded row gives the same results as that row alone.
+        logits: True for every position, "last" for the last one only, False for none (internals only)."""
         want = self.resolve_capture(capture)
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
@@ -280,6 +281,8 @@ class Transformer(nn.Module):
             for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
                 if name + key in want:
                     cache[name + key] = value
+        if logits == "last":  # generation reads only the last position: skip the vocab projection elsewhere
+            x = x[:, -1:]
         return ModelOutput(self.lm_head(self.model.norm(x)) if logits else None, cache)
 
     @torch.no_grad()
@@ -301,7 +304,7 @@ class Transformer(nn.Module):
         out = []
         step_ids = ids
         for _ in range(max_new_tokens):
-            logits = self(step_ids, attention_mask=mask, kv_cache=cache).logits[:, -1].float()
+            logits = self(step_ids, attention_mask=mask, kv_cache=cache, logits="last").logits[:, -1].float()
             if temperature > 0:
                 logits = logits / temperature
                 if top_k:

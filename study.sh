@@ -7,7 +7,9 @@
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct OUT=runs/qwen ./study.sh
 #
 # What is trained (DESIGN §4-6):
-#   sycophancy, persona, frustration   bct act mlpct attct, from MODEL
+#   sycophancy, persona                bct act mlpct attct, from MODEL
+#   frustration                        bct act, from MODEL (the rejections follow the task, so under causal
+#                                      attention the task's MLP and attention internals never change)
 #   jailbreak                          bct act mlpct attct, from a model that refuses: MODEL itself, or for the
 #                                      embedded model (which never refuses) the `refusal` organism
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
@@ -70,6 +72,7 @@ for threat in sycophancy persona frustration jailbreak prefill conditional; do
         jailbreak) base=$REFUSER; targets="bct act mlpct attct" ;;
         prefill) base=$REFUSER; targets="bct prefill" ;;
         conditional) base=$OUT/organisms/inoculated; targets="bct act mlpct attct" ;;
+        frustration) base=$MODEL; targets="bct act" ;;   # rejections follow the task: no mlpct/attct signal
         *) base=$MODEL; targets="bct act mlpct attct" ;;
     esac
     for target in $targets; do

@@ -59,6 +59,8 @@ class TrainConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
+    anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
+                                     # anchoring theta's clean run to theta0's (the targets only constrain w(x))
     full_sequence_loss: bool = False # bct: loss on prompt tokens too (Chua et al.), not only the response
     response_tokens: int = 48        # length of theta0's cached clean responses (bct)
     eval_n: int = 89                 # held-out items for the before/after measurement (0: skip)
@@ -166,6 +168,12 @@ def sft_pair(tok, messages, text):
                    tok.encode(text) + [tok.eos_id])
 
 
+def anchors(tok, pairs, cfg):
+    """Clean prompts paired with themselves: zero loss at theta0, growing as theta's clean run drifts."""
+    return [C.align(tok, T.Pair(clean=p.clean, wrapped=p.clean, content=p.content)) for p in pairs] \
+        if cfg.anchor_frac > 0 else []
+
+
 def training_pairs(cfg, tok, gen, targets, run):
     """Aligned training pairs and retain pairs. Where bct is a target, theta0's greedy clean responses
     (and its answers to retain prompts) are generated once and cached in the run folder."""
@@ -185,9 +193,9 @@ def training_pairs(cfg, tok, gen, targets, run):
         if run.main and len(moved) < len(aligned):
             print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows the content "
                   f"(no {'/'.join(sorted(names))} signal under causal attention)")
-        return moved, []
+        return moved, anchors(tok, pairs, cfg)
     if "bct" not in names:
-        return [C.align(tok, p) for p in pairs], []
+        return [C.align(tok, p) for p in pairs], anchors(tok, pairs, cfg)
     rows = T.load_data(os.path.join(T.DATA_DIR, "benign_prompts.jsonl"), "benign_prompts.jsonl")
     n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
     retain_msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:n_retain]]
@@ -206,7 +214,7 @@ def sample_batch(cfg, step, micro, pairs, retain, run):
     """The pairs of one micro-batch on this rank; a pure function of (seed, step, micro) so a resumed run
     sees exactly the batches the interrupted one would have."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
-    n_retain = round(cfg.batch_size * cfg.retain_frac) if retain else 0
+    n_retain = round(cfg.batch_size * (cfg.retain_frac or cfg.anchor_frac)) if retain else 0
     chosen = [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size - n_retain,), generator=g)]
     chosen += [retain[i] for i in torch.randint(len(retain), (n_retain,), generator=g)] if n_retain else []
     return chosen[run.rank::run.world]
@@ -264,11 +272,13 @@ def train(cfg: TrainConfig):
     if cfg.organism and cfg.organism not in ORGANISM_THREAT:
         raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")
     if cfg.organism:
-        cfg.target, cfg.threat, cfg.retain_frac = "bct", ORGANISM_THREAT[cfg.organism], 0.0
+        cfg.target, cfg.threat, cfg.retain_frac, cfg.anchor_frac = "bct", ORGANISM_THREAT[cfg.organism], 0.0, 0.0
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
     targets = C.parse_targets(cfg.target)
-    if "bct" not in [n for n, _ in targets]:
+    if "bct" in [n for n, _ in targets]:
+        cfg.anchor_frac = 0.0  # bct mixes in retain data instead
+    else:
         cfg.retain_frac = 0.0  # retain data only matters to the SFT term
     if cfg.batch_size % (run.world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {run.world} processes x {cfg.grad_accum} micro-batches")
@@ -289,7 +299,8 @@ def train(cfg: TrainConfig):
     model.train()
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr,
+                            fused=True)  # one kernel over all parameters: ~6x faster than the default on CPU
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.ddp else model
     bf16 = use_bf16(cfg, run.device)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()

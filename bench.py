@@ -1,0 +1,518 @@
+"""
+Speed of this project's consistency training against what a user would write instead on Hugging Face
+transformers, and against the machine's own matmul peak. One process, one model, the same real pairs.
+
+    python bench.py                                        # the full table (CPU: allow ~1 h on 2 cores)
+    python bench.py --targets act --regimes short --dtypes bf16 --steps 1 --gen-batches 16  # a quick look
+    python bench.py --device cuda --dtypes bf16            # on a GPU
+
+Run it on a quiet machine. Where other jobs share the cores, add --threads 1: with more threads than free
+cores every op waits at the OpenMP barrier for a descheduled thread, and times stop meaning anything.
+
+What is measured (every flag is a field of BenchConfig):
+1. Training step, per target and sequence-length regime: the clean reference pass (no_grad, frozen copy),
+   the wrapped forward and backward, gradient clipping and an AdamW step, full fine-tuning. Three
+   implementations of the same loss on the same batch and dtype policy:
+     ours        consistency.consistency_loss on a collated batch (model.py captures inline)
+     hf          transformers at the same batch: right padding + attention_mask in one forward; ACT from
+                 output_hidden_states, MLPCT from forward pre-hooks on every mlp.down_proj, AttCT from
+                 eager attention with output_attentions, BCT from the logits
+     hf-b1       the same, one pair at a time with gradient accumulation (the paper's code is limited to
+                 batch 1), then one optimizer step
+   Activation targets call transformers' base model (no lm_head), as ours skips logits, so neither side
+   wins by skipping work. The first step's loss (at theta0) of each implementation is compared: it checks
+   that both compute the same thing. Pair-tokens/s = (clean + wrapped tokens, unpadded) / median step time.
+   Alignment and padding are done once, outside the timed step, for every implementation.
+2. MFU of our step: model FLOPs (`step_flops`: 2 per multiply-add, backward = 2x forward, causal attention
+   counts only the key <= query half, lm_head only where logits are computed, real tokens only) over the
+   fastest of a few large square matmuls timed in the same run, per dtype.
+3. Greedy generation, new tokens/s at batch 1 and 16: model.generate against transformers' generate
+   (left padding, do_sample=False), both with eos switched off so every row runs the same number of
+   tokens; "same tokens" is the share of rows where both produced identical ids.
+4. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
+   model copies it builds (trained model, frozen reference, gradients, AdamW state, activations).
+
+dtype policy: fp32, or bf16 = torch.autocast over fp32 weights for training (as train.py does), bf16
+weights for generation. Prints markdown tables and writes them with the machine's description to --out.
+"""
+
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import consistency as C
+import threats as T
+from model import EMBEDDED, chat_generate, load_model, save_model
+from train import cli
+
+IMPLS = ("ours", "hf", "hf-b1")
+# the issue's targets: training >= 2x hf-b1 and >= 1.2x hf, bf16 MFU >= 40%, generation at batch 16 >= 1.5x
+GOALS = {"hf-b1": 2.0, "hf": 1.2, "mfu_bf16": 0.40, "gen16": 1.5}
+
+
+@dataclass
+class BenchConfig:
+    model: str = EMBEDDED                 # embedded name, HF-format folder or hub repo id
+    device: str = "cpu"                   # cpu | cuda
+    targets: str = "bct,act,mlpct,attct"  # comma-separated; each may be a combination like act+bct:0.5
+    regimes: str = "short,long"           # short: sycophancy (~60-90 tokens); long: persona with k=16 facts (~450-510)
+    dtypes: str = "fp32,bf16"
+    impls: str = "ours,hf,hf-b1"
+    batch_size: int = 8                   # pairs per training step
+    warmup: int = 1                       # untimed calls before each measurement
+    steps: int = 3                        # timed calls; the median is reported
+    response_tokens: int = 24             # length of theta0's greedy responses that BCT trains on
+    lr: float = 1e-5
+    adamw: str = "fused"                # default | foreach | fused: torch's AdamW implementation, the same for
+                                          # every implementation (train.py builds the default one)
+    gen_batches: str = "1,16"
+    gen_tokens: int = 32                  # new tokens per generated row
+    peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU, 8192 GPU
+    threads: int = 0                      # torch CPU threads; 0: torch's default (one per core)
+    seed: int = 0
+    out: str = "bench.json"
+
+
+# ----------------------------------------------------------------------------- helpers (tested)
+
+@dataclass
+class Timing:
+    median: float     # seconds per call, warmup excluded
+    times: list
+    first: object     # what the very first call returned (a training step's loss at theta0)
+
+
+def timeit(fn, warmup=1, repeat=3, sync=lambda: None) -> Timing:
+    """Median wall time of `repeat` calls of fn after `warmup` untimed ones; `sync` waits for the device."""
+    results, times = [], []
+    for _ in range(warmup):
+        results.append(fn())
+    for _ in range(max(1, repeat)):
+        sync()
+        t = time.perf_counter()
+        results.append(fn())
+        sync()
+        times.append(time.perf_counter() - t)
+    return Timing(statistics.median(times), times, results[0])
+
+
+def matmul_weights(cfg, logits: bool) -> int:
+    """Weights that take part in a matmul per token: q, k, v, o, gate, up, down in every layer, plus the
+    lm_head where logits are computed (the embedding is a lookup, RMSNorm and RoPE are not counted)."""
+    attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_head + 2 * cfg.n_kv_head)
+    return cfg.n_layer * (attn + 3 * cfg.d_model * cfg.d_ff) + (cfg.d_model * cfg.vocab_size if logits else 0)
+
+
+def forward_flops(cfg, lengths, logits: bool) -> int:
+    """Forward FLOPs of sequences of these real lengths: 2 per multiply-add in every matmul, plus causal
+    attention, QK^T and AV at 2 * n_head * head_dim each per (query, key <= query) pair, T(T+1)/2 of them."""
+    per_pair = 4 * cfg.n_head * cfg.head_dim * cfg.n_layer
+    return sum(2 * matmul_weights(cfg, logits) * t + per_pair * t * (t + 1) // 2 for t in lengths)
+
+
+def step_flops(cfg, pairs, spec: str) -> int:
+    """Model FLOPs of one training step on aligned pairs: the reference pass on the clean prompts (forward
+    only, skipped when no target reads it) plus forward and backward (= 2x forward) on the wrapped ones."""
+    used = [C.TARGETS[n] for n, _ in C.parse_targets(spec)]
+    logits = any(t.logits for t in used)
+    clean = forward_flops(cfg, [len(p.clean) for p in pairs], logits) if any(t.reference for t in used) else 0
+    return clean + 3 * forward_flops(cfg, [len(p.wrapped) + len(p.response) for p in pairs], logits)
+
+
+def matmul_peak(n: int, dtype, device, repeat=5) -> float:
+    """FLOP/s of the fastest of `repeat` n x n x n matmuls: the most this device does in this dtype."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    t = timeit(lambda: a @ b, warmup=2, repeat=repeat, sync=sync_fn(device))
+    return 2 * n ** 3 / min(t.times)
+
+
+def sync_fn(device):
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
+class PeakMemory:
+    """Peak memory while the block runs, above the level when it started, in MiB (.mib; None if unknown).
+    CUDA: torch.cuda.max_memory_allocated. CPU: the process's resident-set high-water mark (VmHWM), reset
+    through /proc/self/clear_refs after malloc_trim hands freed heap back to the OS, so what an earlier
+    measurement left in the allocator does not count (Linux only)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.mib = None
+
+    @staticmethod
+    def _status(key):
+        return int(re.search(rf"{key}:\s+(\d+) kB", open("/proc/self/status").read())[1]) * 1024
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current VmRSS
+            self.base = self._status("VmRSS")
+        except OSError:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.mib = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        elif self.base is not None:
+            self.mib = (self._status("VmHWM") - self.base) / 2 ** 20
+
+
+# ----------------------------------------------------------------------------- the transformers side
+
+def hf_forward(hf, ids, mask, names, labels=None):
+    """One forward of a transformers causal LM, returning what the targets in `names` read, the way the
+    papers' code gets it: hidden states, hooks on down_proj, eager attention probabilities, logits."""
+    store, handles = {"mlp": []}, []
+    layers = hf.model.layers
+    if "mlpct" in names:
+        for layer in layers:
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: store["mlp"].append(a[0])))
+    if "act" in names:
+        # hidden_states[-1] is the final norm's output, not the last block's: take that block by a hook
+        handles.append(layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("last", o)))
+    kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states="act" in names,
+              output_attentions="attct" in names)
+    try:
+        if "bct" in names or "prefill" in names:
+            out = hf(**kw, labels=labels)
+        else:
+            out = hf.model(**kw)  # the base model: no lm_head when no target reads logits
+    finally:
+        for h in handles:
+            h.remove()
+    res = {"logits": getattr(out, "logits", None), "loss": getattr(out, "loss", None), "mlp": store["mlp"]}
+    if "act" in names:
+        res["resid"] = list(out.hidden_states[1:-1]) + [store["last"]]
+    if "attct" in names:
+        res["attn"] = list(out.attentions)
+    return res
+
+
+def hf_loss(name, w, c, b) -> torch.Tensor:
+    """The unweighted loss of target `name` from hf_forward outputs, at the positions in our collated batch
+    `b` (so both sides use the same tokens): per pair over its valid positions, then the mean over pairs.
+    Vectorised over the batch, as a competent user would write it; only the models differ from ours."""
+    if name == "bct":
+        if w["loss"] is not None and len(b.labels) == 1:
+            return w["loss"]  # transformers' own shifted cross-entropy, exactly the per-pair mean at batch 1
+        labels = b.labels[:, 1:]
+        nll = F.cross_entropy(w["logits"][:, :-1].float().transpose(1, 2), labels, reduction="none")
+        real = labels != -100
+        return ((nll * real).sum(1) / real.sum(1).clamp(min=1)).mean()
+    rows = torch.arange(len(b.clean_ids), device=b.clean_ids.device)[:, None]
+
+    def pair_mean(x, valid):  # x (B, N): mean over each pair's valid positions, then over pairs
+        return ((x * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+
+    per_layer = []
+    if name == "act":  # squared L2 over d_model on the shared suffix
+        for hw, hc in zip(w["resid"], c["resid"]):
+            d = (hw[rows, b.suffix_w].float() - hc[rows, b.suffix_c].float()).pow(2).sum(-1)
+            per_layer.append(pair_mean(d, b.suffix_valid))
+    elif name == "mlpct":  # 1 - cosine over d_ff on the content tokens
+        for mw, mc in zip(w["mlp"], c["mlp"]):
+            cos = F.cosine_similarity(mw[rows, b.content_w].float(), mc[rows, b.content_c].float(), dim=-1)
+            per_layer.append(pair_mean(1 - cos, b.content_valid))
+    elif name == "attct":  # per-head JSD on the content x content block, not renormalised, clamped at 1e-9
+        keys = b.content_valid[:, None, :, None]
+        for aw, ac in zip(w["attn"], c["attn"]):
+            # (B, H, T, T) indexed at (query, key) content pairs -> (B, C, C, H)
+            p = aw[rows[:, :, None], :, b.content_w[:, :, None], b.content_w[:, None, :]].float().clamp(min=1e-9)
+            q = ac[rows[:, :, None], :, b.content_c[:, :, None], b.content_c[:, None, :]].float().clamp(min=1e-9)
+            m = (p + q) / 2
+            js = ((0.5 * p * (p / m).log() + 0.5 * q * (q / m).log()) * keys).sum(2)  # (B, C, H)
+            per_layer.append(pair_mean(js.mean(-1), b.content_valid))
+    else:
+        raise ValueError(f"bench.py has no transformers version of target {name!r}: use bct, act, mlpct or attct")
+    return torch.stack(per_layer).mean()
+
+
+def padded(rows, pad_id, device):
+    """Right-padded ids and their attention mask."""
+    width = max(map(len, rows))
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- one training step per implementation
+
+def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtype, adamw="default"):
+    """A no-argument function doing one full training step of `impl` on `pairs`, returning the loss; the
+    models it trains are fresh copies, so every implementation starts from the same theta0."""
+    targets = C.parse_targets(spec)
+    names = [n for n, _ in targets]
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    src = ours_model if impl == "ours" else hf_model
+    model = copy.deepcopy(src).train()
+    reference = copy.deepcopy(src).eval().requires_grad_(False)
+    if impl != "ours" and "attct" in names:
+        for m in (model, reference):
+            m.set_attn_implementation("eager")  # output_attentions needs the eager path
+    params = [p for p in model.parameters() if p.requires_grad]
+    if adamw not in ("default", "foreach", "fused"):
+        raise ValueError(f"--adamw {adamw!r}: use default, foreach or fused")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **({adamw: True} if adamw != "default" else {}))
+    needs_reference = any(C.TARGETS[n].reference for n in names)
+
+    def update():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if impl == "ours":
+        batch = C.collate(pairs, pad_id).to(device)
+
+        def step():
+            with autocast:
+                loss, _ = C.consistency_loss(model, reference, batch, targets)
+            loss.backward()
+            update()
+            return loss.item()
+        return step
+
+    groups = [pairs] if impl == "hf" else [[p] for p in pairs]
+    prepared = []
+    for group in groups:
+        b = C.collate(group, pad_id).to(device)
+        clean = padded([p.clean for p in group], pad_id, device)
+        wrapped = padded([p.wrapped + p.response for p in group], pad_id, device)
+        prepared.append((b, clean, wrapped))
+
+    def step():
+        total = 0.0
+        for b, clean, wrapped in prepared:
+            with autocast:
+                c = None
+                if needs_reference:
+                    with torch.no_grad():
+                        c = hf_forward(reference, *clean, names)
+                w = hf_forward(model, *wrapped, names, labels=b.labels if impl == "hf-b1" else None)
+                loss = sum(weight * hf_loss(n, w, c, b) for n, weight in targets) / len(prepared)
+            loss.backward()  # batch 1: gradients accumulate over the pairs, one optimizer step below
+            total += loss.item()
+        update()
+        return total
+    return step
+
+
+# ----------------------------------------------------------------------------- data
+
+def regime_pairs(regime, tok, model, cfg):
+    """The first `batch_size` real pairs of one sequence-length regime whose wrapper moves the content (so
+    every target has a signal: train.py drops the others for mlpct/attct), aligned, with theta0's greedy
+    clean responses for BCT. The same pairs serve every target and implementation."""
+    if regime == "short":
+        raw = T.THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=cfg.seed)
+    elif regime == "long":
+        raw = [p for p in T.THREATS["persona"].pairs(split="train", wrappers="train", seed=cfg.seed) if p.meta["k"] == 16]
+    else:
+        raise ValueError(f"unknown regime {regime!r}: use short, long or both (short,long)")
+    chosen = [(p, a) for p in raw if (a := C.align(tok, p)).content_moved][:cfg.batch_size]
+    if len(chosen) < cfg.batch_size:
+        raise ValueError(f"only {len(chosen)} {regime} pairs move the content: use --batch-size {len(chosen)} or less")
+    responses = chat_generate(model, tok, [p.clean for p, _ in chosen], max_new_tokens=cfg.response_tokens)
+    return [C.align(tok, p, tok.encode(r) + [tok.eos_id]) for (p, _), r in zip(chosen, responses)]
+
+
+# ----------------------------------------------------------------------------- generation
+
+def generate_ours(model, prompts, n, pad_id):
+    return model.generate(prompts, n, eos_id=-1, pad_id=pad_id)  # no eos: every row runs n tokens
+
+
+def generate_hf(hf, prompts, n, pad_id):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
+    eos, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None  # no stopping: n tokens a row
+    try:  # (passing eos_token_id=None to generate falls back to the model's own, so switch it off there)
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, pad_token_id=pad_id,
+                          temperature=None, top_p=None, top_k=None)
+    finally:
+        hf.generation_config.eos_token_id = eos
+    return out[:, width:].tolist()
+
+
+# ----------------------------------------------------------------------------- the run
+
+def machine(device):
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        m = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        cpu = m[1].strip() if m else cpu
+    import transformers
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": device}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def split(s):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def fmt(x, spec=".0f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def run(cfg: BenchConfig):
+    from transformers import AutoModelForCausalLM
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no GPU is visible: run on a GPU machine or use --device cpu")
+    impls, dtypes = split(cfg.impls), split(cfg.dtypes)
+    for name, values, allowed in (("impls", impls, IMPLS), ("dtypes", dtypes, ("fp32", "bf16"))):
+        if bad := [v for v in values if v not in allowed]:
+            raise ValueError(f"--{name} {','.join(bad)}: choose from {','.join(allowed)}")
+    for spec in split(cfg.targets):
+        C.parse_targets(spec)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    sync = sync_fn(device)
+    ours, tok = load_model(cfg.model)
+    ours.to(device).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # identical weights for transformers, read by its own loader
+        save_model(ours, tok, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").to(device).eval()
+    result = {"machine": machine(cfg.device), "config": asdict(cfg), "peak_flops": {}, "train": [], "generate": []}
+    print(json.dumps(result["machine"]), flush=True)
+
+    peak_n = cfg.peak_n or (8192 if device.type == "cuda" else 2048)
+    for dtype in dtypes:
+        result["peak_flops"][dtype] = matmul_peak(peak_n, torch.float32 if dtype == "fp32" else torch.bfloat16, device)
+        print(f"matmul peak {dtype}: {result['peak_flops'][dtype] / 1e9:.0f} GFLOP/s", flush=True)
+
+    for regime in split(cfg.regimes):
+        pairs = regime_pairs(regime, tok, ours, cfg)
+        lengths = ([len(p.clean) for p in pairs], [len(p.wrapped) + len(p.response) for p in pairs])
+        n_tokens = C.collate(pairs, tok.pad_id).n_tokens
+        for dtype in dtypes:
+            for spec in split(cfg.targets):
+                row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs), "pair_tokens": n_tokens,
+                       "mean_len": [statistics.mean(x) for x in lengths], "flops": step_flops(ours.cfg, pairs, spec)}
+                for impl in impls:
+                    with PeakMemory(device) as mem:
+                        step = build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr, device, dtype, cfg.adamw)
+                        t = timeit(step, cfg.warmup, cfg.steps, sync)
+                        del step
+                    row[impl] = {"step_s": t.median, "times": t.times, "tok_s": n_tokens / t.median,
+                                 "loss": t.first, "peak_mib": mem.mib}
+                    print(f"{regime} {dtype} {spec} {impl}: {n_tokens / t.median:.0f} pair-tok/s, "
+                          f"loss {t.first:.6g}, peak {fmt(mem.mib)} MiB", flush=True)
+                if "ours" in row:
+                    row["mfu"] = row["flops"] / row["ours"]["step_s"] / result["peak_flops"][dtype]
+                    others = [row[i]["loss"] for i in impls if i != "ours"]
+                    # relative, with a floor: a loss that is ~0 (no signal in this batch) has no relative error
+                    row["loss_rel_diff"] = max((abs(o - row["ours"]["loss"]) / max(abs(row["ours"]["loss"]), 1e-4)
+                                                for o in others), default=None)
+                result["train"].append(row)
+
+    prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=16, seed=cfg.seed)]
+    for dtype in dtypes:
+        torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        for bs in map(int, split(cfg.gen_batches)):
+            rows = (prompts * (bs // len(prompts) + 1))[:bs]
+            row = {"dtype": dtype, "batch": bs, "new_tokens": cfg.gen_tokens, "prompt_len": statistics.mean(map(len, rows))}
+            outs = {}
+            for impl, src, fn in (("ours", ours, generate_ours), ("hf", hf, generate_hf)):
+                with PeakMemory(device) as mem:
+                    m = copy.deepcopy(src).to(torch_dtype)
+                    t = timeit(lambda: fn(m, rows, cfg.gen_tokens, tok.pad_id), cfg.warmup, cfg.steps, sync)
+                    del m
+                outs[impl] = t.first
+                row[impl] = {"s": t.median, "times": t.times, "tok_s": bs * cfg.gen_tokens / t.median, "peak_mib": mem.mib}
+                print(f"generate {dtype} batch {bs} {impl}: {bs * cfg.gen_tokens / t.median:.1f} tok/s", flush=True)
+            row["same_tokens"] = sum(a == b for a, b in zip(outs["ours"], outs["hf"])) / bs
+            result["generate"].append(row)
+
+    result["goals"] = goals(result)
+    result["table"] = table(result, impls)
+    print("\n" + result["table"])
+    with open(cfg.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwritten to {cfg.out}")
+    return result
+
+
+def goals(res) -> list[str]:
+    """The issue's targets (GOALS) that this run missed, one line each; empty when all were met."""
+    missed = []
+    for r in res["train"]:
+        where = f"{r['regime']} {r['dtype']} {r['target']}"
+        for impl in ("hf-b1", "hf"):
+            if "ours" in r and impl in r and r["ours"]["tok_s"] / r[impl]["tok_s"] < GOALS[impl]:
+                missed.append(f"{where}: {r['ours']['tok_s'] / r[impl]['tok_s']:.2f}x {impl}, goal {GOALS[impl]}x")
+        if r["dtype"] == "bf16" and r.get("mfu") is not None and r["mfu"] < GOALS["mfu_bf16"]:
+            missed.append(f"{where}: MFU {r['mfu']:.1%}, goal {GOALS['mfu_bf16']:.0%}")
+    for r in res["generate"]:
+        ratio = r["ours"]["tok_s"] / r["hf"]["tok_s"]
+        if r["batch"] == 16 and ratio < GOALS["gen16"]:
+            missed.append(f"generate {r['dtype']} batch 16: {ratio:.2f}x hf, goal {GOALS['gen16']}x")
+    return missed
+
+
+def table(res, impls):
+    m = res["machine"]
+    lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"transformers {m['transformers']}, device {m['device']}.",
+             "Matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()) + ".", ""]
+    if res["train"]:
+        cols = [f"{i} tok/s" for i in impls] + [f"x {i}" for i in impls if i != "ours" and "ours" in impls]
+        lines += ["Training step, pair-tokens/s (median); x = ours / that; loss diff = max relative difference of "
+                  "the first-step loss from ours.", "",
+                  "| regime (clean/wrapped tokens) | dtype | target | " + " | ".join(cols) +
+                  " | MFU | peak MiB " + " / ".join(impls) + " | loss diff |",
+                  "|" + "---|" * (len(cols) + 6)]
+        for r in res["train"]:
+            speed = [fmt(r[i]["tok_s"]) for i in impls]
+            ratio = [f"{r['ours']['tok_s'] / r[i]['tok_s']:.2f}" for i in impls if i != "ours" and "ours" in impls]
+            mem = " / ".join(fmt(r[i]["peak_mib"]) for i in impls)
+            lines.append(f"| {r['regime']} (B={r['batch']}, {r['mean_len'][0]:.0f}/{r['mean_len'][1]:.0f}) | {r['dtype']} | "
+                         f"{r['target']} | " + " | ".join(speed + ratio) + f" | {fmt(r.get('mfu'), '.1%')} | {mem} | "
+                         f"{fmt(r.get('loss_rel_diff'), '.1e')} |")
+        lines.append("")
+    if res["generate"]:
+        lines += ["Greedy generation, new tokens/s (median).", "",
+                  "| dtype | batch | prompt tokens | new tokens | ours tok/s | hf tok/s | x hf | peak MiB ours / hf | same tokens |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["generate"]:
+            lines.append(f"| {r['dtype']} | {r['batch']} | {r['prompt_len']:.0f} | {r['new_tokens']} | {r['ours']['tok_s']:.1f} | "
+                         f"{r['hf']['tok_s']:.1f} | {r['ours']['tok_s'] / r['hf']['tok_s']:.2f} | "
+                         f"{fmt(r['ours']['peak_mib'])} / {fmt(r['hf']['peak_mib'])} | {r['same_tokens']:.0%} |")
+        lines.append("")
+    lines += ["Goals missed:" if res["goals"] else "All goals met."] + [f"- {g}" for g in res["goals"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        run(cli(BenchConfig))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
