@@ -49,7 +49,7 @@ class TrainConfig:
     steps: int = 40
     batch_size: int = 8              # pairs per optimizer step, over all processes
     grad_accum: int = 1              # micro-batches per optimizer step
-    lr: float = 1e-4
+    lr: float = 3e-5
     warmup: int = 4
     min_lr_frac: float = 0.1         # cosine decays to lr * min_lr_frac
     weight_decay: float = 0.0
@@ -93,10 +93,12 @@ def lr_at(cfg, step):
 def use_bf16(cfg, device):
     if cfg.bf16 not in ("auto", "on", "off"):
         raise ValueError(f"--bf16 {cfg.bf16!r}: use auto, on or off")
-    if cfg.bf16 == "auto":  # CPUs without native bf16 matmuls run autocast slower than fp32
-        return torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.backends.mkldnn.is_available() \
-            and "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
-    return cfg.bf16 == "on"
+    if cfg.bf16 != "auto":
+        return cfg.bf16 == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # CPUs without native bf16 matmuls run autocast slower than fp32
+    return os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
 
 
 class Run:
@@ -321,7 +323,7 @@ def train(cfg: TrainConfig):
     C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
 
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if run.main else None
-    ema, bar = None, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)
+    ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)
     t_last, tokens = time.time(), 0
     for step in bar:
         for group in opt.param_groups:
@@ -343,8 +345,8 @@ def train(cfg: TrainConfig):
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1 - start
-        ema = loss_sum if ema is None else 0.9 * ema + 0.1 * loss_sum
-        smooth = ema / (1 - 0.9 ** done)  # bias-corrected, as in nanochat
+        ema = 0.9 * ema + 0.1 * loss_sum
+        smooth = ema / (1 - 0.9 ** done)  # bias-corrected for starting at 0, as in nanochat
         tps = tokens * run.world / (time.time() - t_last)
         bar.set_postfix(loss=f"{smooth:.4g}", tok_s=f"{tps:.0f}")
         if log:

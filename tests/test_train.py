@@ -36,6 +36,8 @@ def weights(out):
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     train.train(config(tiny_dir, tmp_path / "straight"))
+    first = json.loads(open(tmp_path / "straight" / "log.jsonl").readline())
+    assert first["loss_ema"] == pytest.approx(first["loss"])  # a bias-corrected EMA of one value is that value
     calls = {"n": 0}
     real = C.consistency_loss
 
