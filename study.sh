@@ -14,7 +14,7 @@
 #                                      embedded model (which never refuses) the `refusal` organism
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
 #   conditional                        bct act mlpct attct, from the `inoculated` organism
-# Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS),
+# Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
 # N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (60, items per threat), MECH_N (32),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped, so rerunning the script
@@ -35,6 +35,7 @@ if [[ -n "${QUICK:-}" ]]; then
 fi
 STEPS=${STEPS:-40}
 ORGANISM_STEPS=${ORGANISM_STEPS:-$STEPS}
+ORGANISM_LR=${ORGANISM_LR:-1e-4}   # the organisms are SFT that instils a behaviour: measured at 1e-4
 N_TRAIN=${N_TRAIN:-256}
 BATCH_SIZE=${BATCH_SIZE:-8}
 EVAL_N=${EVAL_N:-60}
@@ -61,10 +62,10 @@ train() {  # train NAME FLAGS...: one train.py run into OUT/NAME, skipped when f
 echo "== organisms ($MODEL)"
 REFUSER=$MODEL
 if [[ $REFUSAL_ORGANISM == 1 ]]; then
-    train organisms/refusal --organism refusal --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS"
+    train organisms/refusal --organism refusal --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
     REFUSER=$OUT/organisms/refusal
 fi
-train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS"
+train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
 
 echo "== consistency training"
 for threat in sycophancy persona frustration jailbreak prefill conditional; do
