@@ -34,23 +34,27 @@ def weights(out):
     return load_file(os.path.join(out, "model.safetensors"))
 
 
+def interrupted_run(cfg, at_call, monkeypatch):
+    """Run train() until its `at_call`-th loss evaluation, then interrupt it the way Ctrl-C would."""
+    real, calls = C.consistency_loss, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "consistency_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    monkeypatch.setattr(C, "consistency_loss", real)
+
+
 def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     train.train(config(tiny_dir, tmp_path / "straight"))
     first = json.loads(open(tmp_path / "straight" / "log.jsonl").readline())
     assert first["loss_ema"] == pytest.approx(first["loss"])  # a bias-corrected EMA of one value is that value
-    calls = {"n": 0}
-    real = C.consistency_loss
-
-    def dies_at_step_five(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "consistency_loss", dies_at_step_five)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(config(tiny_dir, tmp_path / "cut"))
-    monkeypatch.setattr(C, "consistency_loss", real)
+    interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
     state = torch.load(tmp_path / "cut" / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 3
     train.train(config(tiny_dir, tmp_path / "cut", resume=True))
@@ -69,19 +73,7 @@ def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
 
 
 def test_resume_mismatch_names_the_field(tiny_dir, tmp_path, monkeypatch):
-    real = C.consistency_loss
-    calls = {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "consistency_loss", dies)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(config(tiny_dir, tmp_path / "m"))
-    monkeypatch.setattr(C, "consistency_loss", real)
+    interrupted_run(config(tiny_dir, tmp_path / "m"), at_call=4, monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match="lr=0.001"):
         train.train(config(tiny_dir, tmp_path / "m", lr=5e-4, resume=True))
 
