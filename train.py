@@ -37,6 +37,13 @@ from model import add_lora, chat_generate, load_model, lora_disabled, save_model
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 
+# (lr, LoRA rank) used where --lr / --lora-rank are left unset, measured on the embedded model's sycophancy
+# runs (README): full fine-tuning at 1e-4 costs 5-11 points of clean accuracy, 3e-5 does not; ACT moves
+# brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the attention projections
+# (Paper B: ACT trains attention blocks). A combination takes its first target's recipe.
+RECIPES = {"act": (3e-4, 8), "bct": (3e-5, 0), "mlpct": (3e-5, 0), "attct": (3e-5, 0), "prefill": (3e-5, 0),
+           "organism": (1e-4, 0)}
+
 
 @dataclass
 class TrainConfig:
@@ -49,12 +56,12 @@ class TrainConfig:
     steps: int = 40
     batch_size: int = 8              # pairs per optimizer step, over all processes
     grad_accum: int = 1              # micro-batches per optimizer step
-    lr: float = 3e-5
+    lr: float = 0.0                  # 0: the target's recipe (RECIPES)
     warmup: int = 4
     min_lr_frac: float = 0.1         # cosine decays to lr * min_lr_frac
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    lora_rank: int = 0               # 0: full fine-tuning against a frozen copy of theta0
+    lora_rank: int = -1              # 0: full fine-tuning against a frozen copy of theta0; -1: the recipe
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
@@ -278,6 +285,10 @@ def train(cfg: TrainConfig):
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
     targets = C.parse_targets(cfg.target)
+    if cfg.lr < 0 or cfg.lora_rank < -1:
+        raise ValueError(f"--lr {cfg.lr} / --lora-rank {cfg.lora_rank}: use a positive lr and a rank >= 0 (or leave them unset)")
+    lr, rank = RECIPES["organism" if cfg.organism else targets[0][0]]
+    cfg.lr, cfg.lora_rank = cfg.lr or lr, rank if cfg.lora_rank < 0 else cfg.lora_rank
     if "bct" in [n for n, _ in targets]:
         cfg.anchor_frac = 0.0  # bct mixes in retain data instead
     else:

@@ -97,11 +97,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
 
 @pytest.mark.parametrize("kw,msg", [(dict(target="nope"), "unknown target"), (dict(threat="nope"), "unknown threat"),
                                     (dict(target="act:-2"), "positive"), (dict(organism="nope"), "unknown organism"),
-                                    (dict(batch_size=3, grad_accum=2), "must divide"), (dict(bf16="maybe"), "auto, on or off")])
+                                    (dict(batch_size=3, grad_accum=2), "must divide"), (dict(bf16="maybe"), "auto, on or off"),
+                                    (dict(lr=-1.0), "positive lr")])
 def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg) as e:
         train.train(config(tiny_dir, tmp_path / "bad", **kw))
     assert "\n" not in str(e.value)
+
+
+def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
+    for target, out in (("act", "a"), ("mlpct", "m")):
+        train.train(config(tiny_dir, tmp_path / out, target=target, lr=0.0, steps=1))
+        cfg = json.load(open(tmp_path / out / "run.json"))["config"]
+        assert (cfg["lr"], cfg["lora_rank"]) == train.RECIPES[target]
 
 
 def test_cli_builds_config_from_fields(monkeypatch):
