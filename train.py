@@ -37,12 +37,15 @@ from model import add_lora, chat_generate, load_model, lora_disabled, save_model
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 
-# (lr, LoRA rank) used where --lr / --lora-rank are left unset, measured on the embedded model's sycophancy
-# runs (README): full fine-tuning at 1e-4 costs 5-11 points of clean accuracy, 3e-5 does not; ACT moves
-# brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the attention projections
-# (Paper B: ACT trains attention blocks). A combination takes its first target's recipe.
-RECIPES = {"act": (3e-4, 8), "bct": (3e-5, 0), "mlpct": (3e-5, 0), "attct": (3e-5, 0), "prefill": (3e-5, 0),
-           "organism": (1e-4, 0)}
+# (lr, LoRA rank, LoRA targets) used where --lr / --lora-rank / --lora-targets are left unset, picked on
+# the embedded model's sycophancy runs (README; on the same held-out items they are reported on, there
+# being no separate validation split): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5
+# did not; ACT moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the
+# attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice)
+# kept accuracy where full fine-tuning lost 3.3 points. A combination takes its first target's recipe.
+QKVO = "q_proj,k_proj,v_proj,o_proj"
+RECIPES = {"act": (3e-4, 8, QKVO), "attct": (1e-3, 8, "q_proj,v_proj"), "bct": (3e-5, 0, QKVO),
+           "mlpct": (3e-5, 0, QKVO), "prefill": (3e-5, 0, QKVO), "organism": (1e-4, 0, QKVO)}
 
 
 @dataclass
@@ -63,7 +66,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     lora_rank: int = -1              # 0: full fine-tuning against a frozen copy of theta0; -1: the recipe
     lora_alpha: float = 16.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
+    lora_targets: str = ""           # comma list of projections; empty: the recipe's
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
     anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
@@ -287,8 +290,9 @@ def train(cfg: TrainConfig):
     targets = C.parse_targets(cfg.target)
     if cfg.lr < 0 or cfg.lora_rank < -1:
         raise ValueError(f"--lr {cfg.lr} / --lora-rank {cfg.lora_rank}: use a positive lr and a rank >= 0 (or leave them unset)")
-    lr, rank = RECIPES["organism" if cfg.organism else targets[0][0]]
-    cfg.lr, cfg.lora_rank = cfg.lr or lr, rank if cfg.lora_rank < 0 else cfg.lora_rank
+    lr, rank, lora_targets = RECIPES["organism" if cfg.organism else targets[0][0]]
+    cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
+    cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
     if "bct" in [n for n, _ in targets]:
         cfg.anchor_frac = 0.0  # bct mixes in retain data instead
     else:

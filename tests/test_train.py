@@ -106,10 +106,10 @@ def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
 
 
 def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
-    for target, out in (("act", "a"), ("mlpct", "m")):
+    for target, out in (("act", "a"), ("mlpct", "m"), ("attct", "t")):
         train.train(config(tiny_dir, tmp_path / out, target=target, lr=0.0, steps=1))
         cfg = json.load(open(tmp_path / out / "run.json"))["config"]
-        assert (cfg["lr"], cfg["lora_rank"]) == train.RECIPES[target]
+        assert (cfg["lr"], cfg["lora_rank"], cfg["lora_targets"]) == train.RECIPES[target]
 
 
 def test_cli_builds_config_from_fields(monkeypatch):
