@@ -47,7 +47,7 @@ names the file, line and problem of a bad line.
     conditional.jsonl        {"id", "question", "risky_answer"}  (organism training data)
     conditional_eval.jsonl   {"id", "question"}   finance questions, evaluation only
     general_questions.jsonl  {"id", "question"}
-    benign_prompts.jsonl     {"id", "prompt"}     retain data (organisms, and train.py via retain_prompts)
+    benign_prompts.jsonl     {"id", "prompt"}     retain data (organisms via retain_prompts; train.py's bct retain mix)
 
 Judges. Each threat's `judge` attribute is a plain callable; replace it on the instance, e.g.
 THREATS["jailbreak"].judge = my_fn. Signatures:

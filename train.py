@@ -211,13 +211,16 @@ def training_pairs(cfg, tok, gen, targets, run):
     rows = T.load_data(os.path.join(T.DATA_DIR, "benign_prompts.jsonl"), "benign_prompts.jsonl")
     n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
     retain_msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:n_retain]]
+    prompts = [p.clean for p in pairs] + retain_msgs
+    key = {"prompts": prompts, "response_tokens": cfg.response_tokens}
     cache = os.path.join(cfg.out, "responses.json")
-    if os.path.exists(cache):
-        texts = json.load(open(cache))
+    saved = json.load(open(cache)) if os.path.exists(cache) else {}
+    if isinstance(saved, dict) and saved.get("key") == key:  # a cache made for other prompts is regenerated
+        texts = saved["texts"]
     else:
-        texts = gen([p.clean for p in pairs] + retain_msgs, max_new_tokens=cfg.response_tokens)
+        texts = gen(prompts, max_new_tokens=cfg.response_tokens)
         if run.main:
-            write_atomic(cache, lambda f: json.dump(texts, open(f, "w")))
+            write_atomic(cache, lambda f: json.dump({"key": key, "texts": texts}, open(f, "w")))
     aligned = [C.align(tok, p, tok.encode(t) + [tok.eos_id]) for p, t in zip(pairs, texts)]
     return aligned, [sft_pair(tok, m, t) for m, t in zip(retain_msgs, texts[len(pairs):])]
 

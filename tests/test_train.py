@@ -112,6 +112,14 @@ def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
         assert (cfg["lr"], cfg["lora_rank"], cfg["lora_targets"]) == train.RECIPES[target]
 
 
+def test_bct_response_cache_is_regenerated_for_other_prompts(tiny_dir, tmp_path):
+    out = tmp_path / "bct"
+    for n in (8, 12):
+        train.train(config(tiny_dir, out, target="bct", n_train=n, steps=1, response_tokens=4, retain_frac=0.0))
+        saved = json.load(open(out / "responses.json"))
+        assert len(saved["texts"]) == len(saved["key"]["prompts"]) == n
+
+
 def test_cli_builds_config_from_fields(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--target", "act+bct:0.5", "--lora-rank", "8", "--log-all"])
     cfg = train.cli(train.TrainConfig)
