@@ -15,7 +15,7 @@
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
 #   conditional                        bct act mlpct attct, from the `inoculated` organism
 # Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
-# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (60, items per threat), MECH_N (32),
+# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped, so rerunning the script
 # resumes an interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
@@ -38,8 +38,8 @@ ORGANISM_STEPS=${ORGANISM_STEPS:-$STEPS}
 ORGANISM_LR=${ORGANISM_LR:-1e-4}   # the organisms are SFT that instils a behaviour: measured at 1e-4
 N_TRAIN=${N_TRAIN:-256}
 BATCH_SIZE=${BATCH_SIZE:-8}
-EVAL_N=${EVAL_N:-60}
-MECH_N=${MECH_N:-32}
+EVAL_N=${EVAL_N:-30}
+MECH_N=${MECH_N:-16}
 REFUSAL_ORGANISM=${REFUSAL_ORGANISM:-auto}
 [[ $REFUSAL_ORGANISM == auto ]] && REFUSAL_ORGANISM=$([[ $MODEL == smollm2-135m-instruct ]] && echo 1 || echo 0)
 TRAIN="--steps $STEPS --n-train $N_TRAIN --batch-size $BATCH_SIZE --eval-n 0 ${LR:+--lr $LR} ${QUICK_TRAIN:-} ${TRAIN_FLAGS:-}"
