@@ -125,11 +125,15 @@ def forward_flops(cfg, lengths, logits: bool) -> int:
 
 def step_flops(cfg, pairs, spec: str) -> int:
     """Model FLOPs of one training step on aligned pairs: the reference pass on the clean prompts (forward
-    only, skipped when no target reads it) plus forward and backward (= 2x forward) on the wrapped ones."""
-    used = [C.TARGETS[n] for n, _ in C.parse_targets(spec)]
-    logits = any(t.logits for t in used)
-    clean = forward_flops(cfg, [len(p.clean) for p in pairs], logits) if any(t.reference for t in used) else 0
-    return clean + 3 * forward_flops(cfg, [len(p.wrapped) + len(p.response) for p in pairs], logits)
+    only, skipped when no target reads it) plus forward and backward (= 2x forward) on the wrapped ones.
+    lm_head counts only at the positions whose logits a target reads (ModelOutput.logits_at)."""
+    names = [n for n, _ in C.parse_targets(spec)]
+    clean = forward_flops(cfg, [len(p.clean) for p in pairs], False) if any(C.TARGETS[n].reference for n in names) else 0
+    wrapped = forward_flops(cfg, [len(p.wrapped) + len(p.response) for p in pairs], False)
+    # logits read: bct at each response token's predictor; prefill at every prefill position and theta0's last
+    head_c = len(pairs) if "prefill" in names else 0
+    head_w = sum(len(p.response) * ("bct" in names) + len(p.prefill) * ("prefill" in names) for p in pairs)
+    return clean + 3 * wrapped + 2 * cfg.d_model * cfg.vocab_size * (head_c + 3 * head_w)
 
 
 def matmul_peak(n: int, dtype, device, repeat=5) -> float:
@@ -211,14 +215,15 @@ def hf_forward(hf, ids, mask, names, labels=None):
     return res
 
 
-def hf_loss(name, w, c, b) -> torch.Tensor:
+def hf_loss(name, w, c, b, labels) -> torch.Tensor:
     """The unweighted loss of target `name` from hf_forward outputs, at the positions in our collated batch
     `b` (so both sides use the same tokens): per pair over its valid positions, then the mean over pairs.
-    Vectorised over the batch, as a competent user would write it; only the models differ from ours."""
+    Vectorised over the batch, as a competent user would write it; only the models differ from ours.
+    labels: transformers' (B, T) form, the response tokens and -100 elsewhere."""
     if name == "bct":
-        if w["loss"] is not None and len(b.labels) == 1:
+        if w["loss"] is not None and len(labels) == 1:
             return w["loss"]  # transformers' own shifted cross-entropy, exactly the per-pair mean at batch 1
-        labels = b.labels[:, 1:]
+        labels = labels[:, 1:]
         nll = F.cross_entropy(w["logits"][:, :-1].float().transpose(1, 2), labels, reduction="none")
         real = labels != -100
         return ((nll * real).sum(1) / real.sum(1).clamp(min=1)).mean()
@@ -300,18 +305,21 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
         b = C.collate(group, pad_id).to(device)
         clean = padded([p.clean for p in group], pad_id, device)
         wrapped = padded([p.wrapped + p.response for p in group], pad_id, device)
-        prepared.append((b, clean, wrapped))
+        width = wrapped[0].shape[1]
+        labels = torch.tensor([[-100] * len(p.wrapped) + p.response + [-100] * (width - len(p.wrapped) - len(p.response))
+                               for p in group], device=device)
+        prepared.append((b, clean, wrapped, labels))
 
     def step():
         total = 0.0
-        for b, clean, wrapped in prepared:
+        for b, clean, wrapped, labels in prepared:
             with autocast:
                 c = None
                 if needs_reference:
                     with torch.no_grad():
                         c = hf_forward(reference, *clean, names)
-                w = hf_forward(model, *wrapped, names, labels=b.labels if impl == "hf-b1" else None)
-                loss = sum(weight * hf_loss(n, w, c, b) for n, weight in targets) / len(prepared)
+                w = hf_forward(model, *wrapped, names, labels=labels if impl == "hf-b1" else None)
+                loss = sum(weight * hf_loss(n, w, c, b, labels) for n, weight in targets) / len(prepared)
             loss.backward()  # batch 1: gradients accumulate over the pairs, one optimizer step below
             total += loss.item()
         update()

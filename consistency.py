@@ -82,7 +82,9 @@ def align(tok, pair, response: list[int] | None = None) -> AlignedPair:
 class Batch:
     clean_ids: torch.Tensor        # (B, Tc) right-padded clean prompts
     wrapped_ids: torch.Tensor      # (B, Tw) right-padded wrapped prompt + prefill + response
-    labels: torch.Tensor           # (B, Tw) next-token targets for BCT, -100 where no loss
+    label_pos: torch.Tensor        # (B, N) wrapped positions that predict a response token (BCT)
+    label_ids: torch.Tensor        # (B, N) the token each of them predicts
+    label_valid: torch.Tensor
     suffix_c: torch.Tensor         # (B, S) index tensors, with a validity mask each
     suffix_w: torch.Tensor
     suffix_valid: torch.Tensor
@@ -112,17 +114,16 @@ def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = Fa
     """Right padding needs no attention mask: under causal attention a real token never sees the pads
     after it, so training batches take SDPA's plain causal path and still match per-example results."""
     wrapped = [p.wrapped + p.response for p in pairs]
-    labels = []
-    for p, seq in zip(pairs, wrapped):
-        first = 0 if full_sequence_loss else len(p.wrapped)
-        lab = [-100] * len(seq)
-        lab[first:len(seq)] = seq[first:] if p.response else []
-        labels.append(lab)
+    # position t predicts token t + 1; the first token of a sequence has no predictor
+    first = [(1 if full_sequence_loss else len(p.wrapped)) if p.response else len(seq)
+             for p, seq in zip(pairs, wrapped)]
+    (lp, lv), (li, _) = (index([range(f - 1, len(seq) - 1) for f, seq in zip(first, wrapped)]),
+                         index([seq[f:] for f, seq in zip(first, wrapped)]))
     (sc, sv), (sw, _) = index([p.suffix[0] for p in pairs]), index([p.suffix[1] for p in pairs])
     (cc, cv), (cw, _) = index([p.content[0] for p in pairs]), index([p.content[1] for p in pairs])
     pw, pv = index([p.prefill for p in pairs])
     return Batch(clean_ids=pad([p.clean for p in pairs], pad_id), wrapped_ids=pad(wrapped, pad_id),
-                 labels=pad(labels, -100), suffix_c=sc, suffix_w=sw, suffix_valid=sv, content_c=cc,
+                 label_pos=lp, label_ids=li, label_valid=lv, suffix_c=sc, suffix_w=sw, suffix_valid=sv, content_c=cc,
                  content_w=cw, content_valid=cv, prefill_w=pw, prefill_valid=pv,
                  clean_last=torch.tensor([len(p.clean) - 1 for p in pairs]),
                  n_tokens=sum(len(p.clean) + len(seq) for p, seq in zip(pairs, wrapped)))
@@ -134,7 +135,6 @@ def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = Fa
 class Target:
     fn: callable
     capture: str | None      # internals it reads, as a capture glob
-    logits: bool             # reads logits
     reference: bool          # reads theta0's clean pass
     weight: float            # default weight inside a combination
 
@@ -142,9 +142,9 @@ class Target:
 TARGETS: dict[str, Target] = {}
 
 
-def target(name, capture=None, logits=False, reference=True, weight=1.0):
+def target(name, capture=None, reference=True, weight=1.0):
     def register(fn):
-        TARGETS[name] = Target(fn, capture, logits, reference, weight)
+        TARGETS[name] = Target(fn, capture, reference, weight)
         return fn
     return register
 
@@ -166,11 +166,10 @@ def masked_mean(x, valid):
     return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean()
 
 
-@target("bct", logits=True, reference=False)
+@target("bct", reference=False)
 def bct(w, c, b):
-    labels = b.labels[:, 1:]
-    nll = F.cross_entropy(w.logits[:, :-1].float().transpose(1, 2), labels.clamp(min=0), reduction="none")
-    return masked_mean(nll, labels != -100)[None]
+    nll = F.cross_entropy(w.logits_at(b.label_pos).float().transpose(1, 2), b.label_ids, reduction="none")
+    return masked_mean(nll, b.label_valid)[None]
 
 
 @target("act", capture="blocks.*.hook_resid_post", weight=1e-4)
@@ -216,13 +215,13 @@ def attct(w, c, b):
         for aw, ac in zip(layers(w.cache, "attn.hook_pattern"), layers(c.cache, "attn.hook_pattern"))])
 
 
-@target("prefill", logits=True)
+@target("prefill")
 def prefill_kl(w, c, b):
     """The prefill tokens sit after the assistant marker, so every prompt position is identical in the
     clean and attacked runs: match theta0's first-response-token distribution instead, at every position
     that follows a prefill token."""
-    p_clean = gather(c.logits, b.clean_last[:, None]).float().log_softmax(-1)         # (B, 1, V)
-    p_wrapped = gather(w.logits, b.prefill_w).float().log_softmax(-1)                  # (B, K, V)
+    p_clean = c.logits_at(b.clean_last[:, None]).float().log_softmax(-1)         # (B, 1, V)
+    p_wrapped = w.logits_at(b.prefill_w).float().log_softmax(-1)                  # (B, K, V)
     kl = (p_clean.exp() * (p_clean - p_wrapped)).sum(-1)
     return masked_mean(kl, b.prefill_valid)[None]
 
@@ -257,7 +256,7 @@ def no_signal(name, batch: Batch) -> str | None:
         return f"{name}: no aligned content tokens in this batch; check the threat's wrappers"
     if name == "prefill" and not prefilled:
         return "the prefill target needs pairs with a prefill: use it with --threat prefill"
-    if name == "bct" and not (batch.labels != -100).any():
+    if name == "bct" and not batch.label_valid.any():
         return "bct needs theta0's clean responses in the batch: pass responses to align()"
     return None
 
@@ -280,12 +279,11 @@ def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
         names += [n for n in TARGETS if n not in names and not no_signal(n, batch)]
     used = [TARGETS[n] for n in names]
     capture = [t.capture for t in used if t.capture]
-    logits = any(t.logits for t in used)
     c = None
     if any(t.reference for t in used):
         with torch.no_grad():
-            c = reference(batch.clean_ids, capture=capture, logits=logits)
-    w = model(batch.wrapped_ids, capture=capture, logits=logits)
+            c = reference(batch.clean_ids, capture=capture, logits=False)
+    w = model(batch.wrapped_ids, capture=capture, logits=False)  # targets read logits_at the positions they need
     per_layer = {n: TARGETS[n].fn(w, c, batch) for n in names}
     loss = sum(weight * per_layer[n].mean() for n, weight in targets)
     logs = {n: v.mean().item() for n, v in per_layer.items()}

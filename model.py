@@ -103,6 +103,13 @@ class ModelConfig:
 class ModelOutput:
     logits: torch.Tensor | None
     cache: dict = field(default_factory=dict)
+    hidden: torch.Tensor | None = None       # (B, T, d_model) after the final norm: what lm_head reads
+    head: nn.Module | None = None
+
+    def logits_at(self, idx):
+        """Logits only at positions idx (B, N): the vocab projection is the largest matmul of a small model,
+        so a loss that reads a few positions (a response, a prefill) skips it everywhere else."""
+        return self.head(self.hidden[torch.arange(idx.shape[0], device=idx.device)[:, None], idx])
 
 
 class RMSNorm(nn.Module):
@@ -247,7 +254,7 @@ class Transformer(nn.Module):
     def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True) -> ModelOutput:
         """idx (B, T) token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (left or
         right). Positions count real tokens only, so a padded row gives the same results as that row alone.
-        logits: True for every position, "last" for the last one only, False for none (internals only)."""
+        logits: True for every position, False for none (internals, or out.logits_at(positions) for a few)."""
         want = self.resolve_capture(capture)
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
@@ -281,9 +288,8 @@ class Transformer(nn.Module):
             for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
                 if name + key in want:
                     cache[name + key] = value
-        if logits == "last":  # generation reads only the last position: skip the vocab projection elsewhere
-            x = x[:, -1:]
-        return ModelOutput(self.lm_head(self.model.norm(x)) if logits else None, cache)
+        x = self.model.norm(x)
+        return ModelOutput(self.lm_head(x) if logits else None, cache, x, self.lm_head)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None, pad_id=0,
@@ -304,7 +310,8 @@ class Transformer(nn.Module):
         out = []
         step_ids = ids
         for _ in range(max_new_tokens):
-            logits = self(step_ids, attention_mask=mask, kv_cache=cache, logits="last").logits[:, -1].float()
+            hidden = self(step_ids, attention_mask=mask, kv_cache=cache, logits=False).hidden
+            logits = self.lm_head(hidden[:, -1]).float()  # only the last position is read
             if temperature > 0:
                 logits = logits / temperature
                 if top_k:
@@ -357,6 +364,8 @@ class LoRALinear(nn.Linear):
 def add_lora(model: Transformer, rank: int, alpha: float, targets: tuple[str, ...]) -> list[nn.Parameter]:
     """Freeze the model and put LoRA adapters on every Linear whose name ends in one of `targets`
     (e.g. q_proj, v_proj). Returns the adapter parameters."""
+    if "lm_head" in targets:  # ModelOutput.logits_at applies the head after forward, outside lora_disabled
+        raise ValueError("LoRA on lm_head is not supported: put adapters on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     model.requires_grad_(False)
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     if not found:

@@ -52,9 +52,10 @@ def test_step_flops_by_target():
     fwd = lambda lengths, logits: bench.forward_flops(TINY, lengths, logits)  # noqa: E731
     # act reads the reference's clean pass and no logits; the wrapped pass runs forward and backward
     assert bench.step_flops(TINY, pairs, "act") == fwd([3, 4], False) + 3 * fwd([7, 4], False)
-    # bct needs no reference pass, but logits on the wrapped prompt + response
-    assert bench.step_flops(TINY, pairs, "bct") == 3 * fwd([7, 4], True)
-    assert bench.step_flops(TINY, pairs, "act+bct") == fwd([3, 4], True) + 3 * fwd([7, 4], True)
+    # bct needs no reference pass, and logits (lm_head: 2 * 8 * 10 FLOPs) only at the 2 response predictors
+    head = 3 * 2 * 80 * 2
+    assert bench.step_flops(TINY, pairs, "bct") == 3 * fwd([7, 4], False) + head
+    assert bench.step_flops(TINY, pairs, "act+bct") == fwd([3, 4], False) + 3 * fwd([7, 4], False) + head
 
 
 def test_timeit_excludes_warmup_and_takes_the_median():

@@ -1,13 +1,14 @@
 """model.py against independent references: transformers on tiny random checkpoints and on the embedded
 GGUF, hand-built padding and no-cache generation, and the exact list of captured internals."""
 
+import copy
 import os
 
 import pytest
 import torch
 
 from conftest import write_tiny_hf
-from model import load_model, save_model
+from model import add_lora, load_model, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
 
@@ -63,6 +64,22 @@ def test_capture_names_and_shapes(tiny):
         expected[f"blocks.{l}.mlp.hook_post"] = (B, T, cfg.d_ff)
         expected[f"blocks.{l}.attn.hook_pattern"] = (B, cfg.n_head, T, T)
     assert {k: tuple(v.shape) for k, v in out.cache.items()} == expected
+
+
+def test_logits_at_positions_equal_the_full_logits_there(tiny):
+    model, _, _ = tiny
+    ids = torch.randint(0, 258, (2, 9))
+    full = model(ids).logits
+    pos = torch.tensor([[0, 4, 8], [3, 3, 7]])
+    out = model(ids, logits=False)
+    assert out.logits is None
+    assert torch.allclose(out.logits_at(pos), full[torch.arange(2)[:, None], pos], atol=1e-5)
+
+
+def test_lora_on_lm_head_is_refused(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="LoRA on lm_head is not supported"):
+        add_lora(copy.deepcopy(model), 4, 8, ("lm_head",))
 
 
 def test_capture_changes_no_logits_and_detaches_nothing(tiny):
