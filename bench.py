@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, chat_generate, load_model, save_model
+from model import EMBEDDED, bf16_linears, chat_generate, load_model, save_model
 from train import cli
 
 IMPLS = ("ours", "hf", "hf-b1")
@@ -274,6 +274,8 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
     src = ours_model if impl == "ours" else hf_model
     model = copy.deepcopy(src).train()
     reference = copy.deepcopy(src).eval().requires_grad_(False)
+    if impl == "ours" and dtype == "bf16":
+        bf16_linears(reference)  # as train.py does: theta0's weights stored as autocast would cast them
     if impl != "ours" and "attct" in names:
         for m in (model, reference):
             m.set_attn_implementation("eager")  # output_attentions needs the eager path

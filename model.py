@@ -14,9 +14,11 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
     blocks.{l}.hook_resid_post   (B, T, d_model)      output of block l
     blocks.{l}.mlp.hook_post     (B, T, d_ff)         act(gate) * up, the input to down_proj
     blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities
-Attention runs through SDPA; the pattern is materialised by hand only for the layers asked for.
+Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
+for short bf16 training sequences on the CPU, where they are faster to differentiate.
 """
 
+import copy
 import fnmatch
 import glob
 import importlib.util
@@ -146,6 +148,17 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+# SDPA's CPU flash kernel is slow to differentiate in bf16 on short sequences (B=8, T=81: forward + backward
+# 25 ms against 8 ms for plain matmuls; they break even near T=200), and training batches are that short
+EXPLICIT_ATTENTION_MAX_T = 160
+
+
+def runs_in_bf16(t):
+    """Whether matmuls on t run in bf16: bf16 weights, or inside a bf16 autocast."""
+    dev = t.device.type
+    return t.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -170,7 +183,8 @@ class Attention(nn.Module):
         if kv is not None:
             k, v = kv.update(k, v)
         pattern = None
-        if want_pattern:
+        if want_pattern or (torch.is_grad_enabled() and x.device.type == "cpu" and runs_in_bf16(x)
+                            and k.shape[2] <= EXPLICIT_ATTENTION_MAX_T):
             groups = self.n_head // self.n_kv_head
             k_, v_ = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
             scores = (q @ k_.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -359,6 +373,16 @@ class LoRALinear(nn.Linear):
         if self.lora_enabled:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
         return y
+
+
+def bf16_linears(model: Transformer) -> Transformer:
+    """Store the blocks' Linear weights in bf16, in place: exactly what a bf16 autocast casts them to on every
+    forward, so a frozen reference run under autocast gives the same numbers without the per-step cast, at
+    half the memory. Norms and embeddings keep their dtype. Such a model runs only under autocast."""
+    for m in model.model.layers.modules():
+        if isinstance(m, nn.Linear):
+            m.to(torch.bfloat16)
+    return model
 
 
 def add_lora(model: Transformer, rank: int, alpha: float, targets: tuple[str, ...]) -> list[nn.Parameter]:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import add_lora, chat_generate, load_model, lora_disabled, save_model, write_atomic
+from model import add_lora, bf16_linears, chat_generate, load_model, lora_disabled, save_model, write_atomic
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 
@@ -339,6 +339,8 @@ def train(cfg: TrainConfig):
     run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE boundaries; "
               f"targets {targets}; bf16 autocast {'on' if bf16 else 'off'}; {'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
     C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
+    if bf16 and not cfg.lora_rank:  # theta0's generation is done: from here it only runs under autocast
+        bf16_linears(frozen)
 
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if run.main else None
     ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)

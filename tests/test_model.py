@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_tiny_hf
-from model import add_lora, load_model, save_model
+from model import add_lora, bf16_linears, load_model, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
 
@@ -245,3 +245,30 @@ def test_clear_errors(tiny, tmp_path):
     (tmp_path / "short" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="missing"):
         load_model(str(tmp_path / "short"))
+
+
+def test_bf16_linears_under_autocast_give_the_same_numbers(tiny):
+    """Storing the blocks' Linear weights in bf16 is exactly autocast's own cast: outputs are bit-identical."""
+    model, _, _ = tiny
+    ids = torch.randint(0, 258, (2, 9))
+    stored = bf16_linears(copy.deepcopy(model))
+    assert stored.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert stored.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = model(ids, capture="blocks.*.hook_resid_post")
+        b = stored(ids, capture="blocks.*.hook_resid_post")
+    assert torch.equal(a.logits, b.logits)
+    assert all(torch.equal(a.cache[k], b.cache[k]) for k in a.cache)
+
+
+def test_short_bf16_training_attention_matches_sdpa(tiny):
+    """With gradients on, short bf16 CPU sequences take explicit matmul attention (faster to differentiate
+    than SDPA's flash kernel there); it must compute what SDPA computes in the no-grad pass."""
+    model, _, _ = tiny
+    ids = torch.randint(0, 258, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            sdpa = model(ids).logits.float()
+        explicit = model(ids).logits.float()
+    assert explicit.requires_grad
+    assert (explicit - sdpa).abs().max() <= 0.02 * sdpa.abs().max()
