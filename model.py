@@ -325,9 +325,9 @@ class Transformer(nn.Module):
         step_ids = ids
         for _ in range(max_new_tokens):
             hidden = self(step_ids, attention_mask=mask, kv_cache=cache, logits=False).hidden
-            logits = self.lm_head(hidden[:, -1]).float()  # only the last position is read
+            logits = self.lm_head(hidden[:, -1])  # only the last position is read
             if temperature > 0:
-                logits = logits / temperature
+                logits = logits.float() / temperature
                 if top_k:
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
