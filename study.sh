@@ -19,7 +19,7 @@
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped, so rerunning the script
 # resumes an interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
-# Threads: torch uses every core; OMP_NUM_THREADS=N limits it.
+# Parallelism: JOBS (2) train.py runs at once with THREADS (nproc / JOBS) threads each; eval.py uses every core.
 # Wall time: the script measures itself and appends the total to the report (OUT/report/results.md).
 #   QUICK=1 with a tiny random model (tests/conftest.py), 2 shared CPU cores: 8 min (training 4, evaluation 4).
 #   Full run, embedded model, 2 CPU cores: not yet measured (24 train.py runs, then 25 models evaluated).
@@ -45,19 +45,25 @@ REFUSAL_ORGANISM=${REFUSAL_ORGANISM:-auto}
 TRAIN="--steps $STEPS --n-train $N_TRAIN --batch-size $BATCH_SIZE --eval-n 0 ${LR:+--lr $LR} ${QUICK_TRAIN:-} ${TRAIN_FLAGS:-}"
 mkdir -p "$OUT/logs" "$OUT/runs" "$OUT/organisms"
 
-train_time=0
-train() {  # train NAME FLAGS...: one train.py run into OUT/NAME, skipped when finished before
+# train.py runs go JOBS at a time with nproc/JOBS threads each: a 135M model's small matmuls use one core
+# almost as well as two, and model loading and generation overlap across runs
+JOBS=${JOBS:-2}
+THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+train() {  # train NAME FLAGS...: one train.py run into OUT/NAME in the background, skipped when finished before
     local name=$1; shift
-    local dir=$OUT/$name
+    local dir=$OUT/$name log=$OUT/logs/${name//\//_}.log
     if [[ -f $dir/run.json ]]; then echo "  $name: done before, skipped"; return; fi
-    local t0=$SECONDS
-    printf '  %-34s' "$name"
-    if ! python train.py "$@" --out "$dir" > "$OUT/logs/${name//\//_}.log" 2>&1; then
-        echo "FAILED"; tail -5 "$OUT/logs/${name//\//_}.log"; exit 1
-    fi
-    echo "$((SECONDS - t0)) s"
-    train_time=$((train_time + SECONDS - t0))
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done   # a failed run (exit 1) stops the study here
+    (
+        t0=$SECONDS
+        if ! OMP_NUM_THREADS=$THREADS python train.py "$@" --out "$dir" > "$log" 2>&1; then
+            echo "  $name: FAILED"; tail -5 "$log"; exit 1
+        fi
+        echo "  $name: $((SECONDS - t0)) s"
+    ) &
 }
+drain() { while [[ -n $(jobs -rp) ]]; do wait -n; done; }
+t_train=$SECONDS
 
 echo "== organisms ($MODEL)"
 REFUSER=$MODEL
@@ -66,6 +72,7 @@ if [[ $REFUSAL_ORGANISM == 1 ]]; then
     REFUSER=$OUT/organisms/refusal
 fi
 train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
+drain  # the runs below start from the organisms
 
 echo "== consistency training"
 for threat in sycophancy persona frustration jailbreak prefill conditional; do
@@ -80,6 +87,9 @@ for threat in sycophancy persona frustration jailbreak prefill conditional; do
         train "runs/$target-$threat" --target "$target" --threat "$threat" --model "$base" $TRAIN
     done
 done
+
+drain
+train_time=$((SECONDS - t_train))
 
 echo "== evaluation: matrix, mechanism, report"
 t0=$SECONDS
