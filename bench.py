@@ -76,8 +76,8 @@ class BenchConfig:
     steps: int = 3                        # timed calls; the median is reported
     response_tokens: int = 24             # length of theta0's greedy responses that BCT trains on
     lr: float = 1e-5
-    adamw: str = "fused"                # default | foreach | fused: torch's AdamW implementation, the same for
-                                          # every implementation (train.py builds the default one)
+    adamw: str = "fused"                  # default | foreach | fused: torch's AdamW implementation, the same for
+                                          # every implementation (train.py uses fused)
     gen_batches: str = "1,16"
     gen_tokens: int = 32                  # new tokens per generated row
     peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU, 8192 GPU

@@ -33,6 +33,7 @@ Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix; checkp
     records/       every judged answer, one JSONL per model and threat
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -71,6 +72,8 @@ class EvalConfig:
     mech_n: int = 32                 # held-out pairs for the mechanism
     mech_batch: int = 4              # pairs per forward pass there (attention patterns of every layer are kept)
     threads: int = 0                 # torch.set_num_threads (0: torch's default)
+    gen_dtype: str = "fp32"          # weights for generation: fp32 | bf16 (~1.6x faster on CPUs with native bf16;
+                                     # greedy answers can differ on near-ties; perplexity and mechanism stay fp32)
 
 
 # the number a threat is summarised by (matrix, bars): each is "lower is better" for a consistency-trained model
@@ -151,7 +154,8 @@ class Generator:
     shared by a threat and the capability pass) is generated once. It advances the shared progress bar."""
 
     def __init__(self, model, tok, cfg, bar=None):
-        self.model, self.tok, self.cfg, self.bar, self.cache = model, tok, cfg, bar, {}
+        self.tok, self.cfg, self.bar, self.cache = tok, cfg, bar, {}
+        self.model = copy.deepcopy(model).to(torch.bfloat16) if cfg.gen_dtype == "bf16" else model
 
     def __call__(self, prompts, prefills=None, max_new_tokens=48):
         tokens = min(max_new_tokens, self.cfg.max_new_tokens)
@@ -438,6 +442,8 @@ def run(cfg: EvalConfig):
     protected = {os.path.realpath(p) for r in rows for p in (r.path, r.base) if os.path.isdir(p)}
     if os.path.realpath(cfg.out) in protected:
         raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; pick another folder")
+    if cfg.gen_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--gen-dtype {cfg.gen_dtype!r}: use fp32 or bf16")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out, exist_ok=True)

@@ -15,7 +15,7 @@
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
 #   conditional                        bct act mlpct attct, from the `inoculated` organism
 # Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
-# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16),
+# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16), GEN_DTYPE (bf16),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped, so rerunning the script
 # resumes an interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
@@ -40,6 +40,7 @@ N_TRAIN=${N_TRAIN:-256}
 BATCH_SIZE=${BATCH_SIZE:-8}
 EVAL_N=${EVAL_N:-30}
 MECH_N=${MECH_N:-16}
+GEN_DTYPE=${GEN_DTYPE:-bf16}   # eval.py's answers from bf16 weights: ~1.6x faster on CPUs with native bf16
 REFUSAL_ORGANISM=${REFUSAL_ORGANISM:-auto}
 [[ $REFUSAL_ORGANISM == auto ]] && REFUSAL_ORGANISM=$([[ $MODEL == smollm2-135m-instruct ]] && echo 1 || echo 0)
 TRAIN="--steps $STEPS --n-train $N_TRAIN --batch-size $BATCH_SIZE --eval-n 0 ${LR:+--lr $LR} ${QUICK_TRAIN:-} ${TRAIN_FLAGS:-}"
@@ -93,7 +94,7 @@ train_time=$((SECONDS - t_train))
 
 echo "== evaluation: matrix, mechanism, report"
 t0=$SECONDS
-python eval.py --matrix "$OUT"/runs/* --out "$OUT/report" --n "$EVAL_N" --mech-n "$MECH_N" ${QUICK_EVAL:-} \
+python eval.py --matrix "$OUT"/runs/* --out "$OUT/report" --n "$EVAL_N" --mech-n "$MECH_N" --gen-dtype "$GEN_DTYPE" ${QUICK_EVAL:-} \
     ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/logs/eval.log"
 eval_time=$((SECONDS - t0))
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //' || true)

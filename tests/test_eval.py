@@ -163,6 +163,18 @@ def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
     assert {"sycophancy", "capability"} == set(res["rows"][0]["changes"])
 
 
+def test_bf16_generation_leaves_perplexity_in_fp32(runs, monkeypatch, tmp_path):
+    ckpt = runs / "act-sycophancy"
+    got = {}
+    for dtype in ("fp32", "bf16"):
+        run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism",
+                "--gen-dtype", dtype, "--out", tmp_path / dtype)
+        res = json.loads((tmp_path / dtype / "results.json").read_text())
+        got[dtype] = res["models"]["sycophancy/act"]
+    assert got["bf16"]["capability"]["metrics"]["perplexity"] == got["fp32"]["capability"]["metrics"]["perplexity"]
+    assert got["bf16"]["threats"]["sycophancy"]["n"] == got["fp32"]["threats"]["sycophancy"]["n"] > 0
+
+
 def test_perplexity_matches_transformers(runs):
     transformers = pytest.importorskip("transformers")
     ref = transformers.AutoModelForCausalLM.from_pretrained(runs / "base").eval()
@@ -183,6 +195,7 @@ def test_perplexity_matches_transformers(runs):
     (["--matrix", "{base}"], "has no run.json"),
     (["--ckpt", "{ckpt}", "--threats", "sycophancy,flattery"], "unknown threat 'flattery'"),
     ([], "pass --ckpt DIR or --matrix"),
+    (["--ckpt", "{ckpt}", "--gen-dtype", "fp16"], "--gen-dtype 'fp16'"),
 ])
 def test_one_line_errors(runs, monkeypatch, args, message):
     args = [a.format(base=runs / "base", ckpt=runs / "act-sycophancy") for a in args]
