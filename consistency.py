@@ -135,6 +135,7 @@ def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = Fa
 class Target:
     fn: callable
     capture: str | None      # internals it reads, as a capture glob
+    content_rows: bool       # reads attention patterns only at the content's query rows
     reference: bool          # reads theta0's clean pass
     weight: float            # default weight inside a combination
 
@@ -142,9 +143,9 @@ class Target:
 TARGETS: dict[str, Target] = {}
 
 
-def target(name, capture=None, reference=True, weight=1.0):
+def target(name, capture=None, content_rows=False, reference=True, weight=1.0):
     def register(fn):
-        TARGETS[name] = Target(fn, capture, reference, weight)
+        TARGETS[name] = Target(fn, capture, content_rows, reference, weight)
         return fn
     return register
 
@@ -193,10 +194,10 @@ def mlpct(w, c, b):
 
 
 def content_block(pattern, idx):
-    """(B, H, T, T) attention -> (B, H, C, C): query and key axes both at the content positions. Rows are
-    not renormalised: mass on wrapper, system or template tokens simply falls outside the block."""
-    bi = torch.arange(pattern.shape[0], device=pattern.device)[:, None, None]
-    return pattern[bi, :, idx[:, :, None], idx[:, None, :]].permute(0, 3, 1, 2)
+    """(B, H, C, T) attention, captured at the content's query rows -> (B, H, C, C): the keys at the content
+    positions too. Rows are not renormalised: mass on wrapper, system or template tokens falls outside."""
+    B, H, C, _ = pattern.shape
+    return pattern.gather(3, idx[:, None, None, :].expand(B, H, C, -1))
 
 
 def jsd(p, q):
@@ -206,7 +207,7 @@ def jsd(p, q):
     return 0.5 * (p * (p.log() - m.log())) + 0.5 * (q * (q.log() - m.log()))
 
 
-@target("attct", capture="blocks.*.attn.hook_pattern")
+@target("attct", capture="blocks.*.attn.hook_pattern", content_rows=True)
 def attct(w, c, b):
     keys = b.content_valid[:, None, None, :]
     rows = b.content_valid[:, None, :].expand(-1, w.cache["blocks.0.attn.hook_pattern"].shape[1], -1)
@@ -279,11 +280,12 @@ def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
         names += [n for n in TARGETS if n not in names and not no_signal(n, batch)]
     used = [TARGETS[n] for n in names]
     capture = [t.capture for t in used if t.capture]
+    rows = any(t.content_rows for t in used)  # the forward then builds C x T patterns, not T x T
     c = None
     if any(t.reference for t in used):
         with torch.no_grad():
-            c = reference(batch.clean_ids, capture=capture, logits=False)
-    w = model(batch.wrapped_ids, capture=capture, logits=False)  # targets read logits_at the positions they need
+            c = reference(batch.clean_ids, capture=capture, logits=False, pattern_rows=batch.content_c if rows else None)
+    w = model(batch.wrapped_ids, capture=capture, logits=False, pattern_rows=batch.content_w if rows else None)  # targets read logits_at the positions they need
     per_layer = {n: TARGETS[n].fn(w, c, batch) for n in names}
     loss = sum(weight * per_layer[n].mean() for n, weight in targets)
     logs = {n: v.mean().item() for n, v in per_layer.items()}

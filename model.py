@@ -171,7 +171,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False):
+    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None):
+        """mask: (B, 1, T, T_past + T) bool, or None for a plain causal batch. want_pattern: also return the
+        attention probabilities, (B, H, T, T_past + T), or only at query positions `rows` (B, C): (B, H, C, ...)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -182,19 +184,27 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
             k, v = kv.update(k, v)
+        plain = mask is None  # a right-padded or unpadded batch: causal attention is all it needs
+        if plain:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
         pattern = None
-        if want_pattern or (torch.is_grad_enabled() and x.device.type == "cpu" and runs_in_bf16(x)
-                            and k.shape[2] <= EXPLICIT_ATTENTION_MAX_T):
-            groups = self.n_head // self.n_kv_head
-            k_, v_ = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-            scores = (q @ k_.transpose(-2, -1)) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask is not None else scores.masked_fill(
-                torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
-            pattern = scores.float().softmax(-1).to(q.dtype)
-            y = pattern @ v_
-        else:  # no mask means a plain causal batch: SDPA's fastest path
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if (want_pattern and rows is None) or (torch.is_grad_enabled() and x.device.type == "cpu" and runs_in_bf16(x)
+                                               and k.shape[2] <= EXPLICIT_ATTENTION_MAX_T):
+            pattern = self.probs(q, k, mask)
+            y = pattern @ v.repeat_interleave(self.n_head // self.n_kv_head, 1)
+        else:  # a plain causal batch takes SDPA's fastest path
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else mask, is_causal=plain,
+                                               enable_gqa=True)
+        if want_pattern and rows is not None:  # only the query rows a loss reads: C x T instead of T x T
+            bi = torch.arange(B, device=x.device)[:, None]
+            pattern = self.probs(q.transpose(1, 2)[bi, rows].transpose(1, 2), k,
+                                 mask.expand(B, -1, -1, -1)[bi, 0, rows][:, None])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern
+
+    def probs(self, q, k, allowed):
+        """softmax(q k^T / sqrt(d)) over the allowed keys, in fp32."""
+        scores = (q @ k.repeat_interleave(self.n_head // self.n_kv_head, 1).transpose(-2, -1)) / math.sqrt(self.head_dim)
+        return scores.masked_fill(~allowed, float("-inf")).float().softmax(-1).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -265,10 +275,11 @@ class Transformer(nn.Module):
             names.update(hit)
         return names
 
-    def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True) -> ModelOutput:
+    def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True, pattern_rows=None) -> ModelOutput:
         """idx (B, T) token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (left or
         right). Positions count real tokens only, so a padded row gives the same results as that row alone.
-        logits: True for every position, False for none (internals, or out.logits_at(positions) for a few)."""
+        logits: True for every position, False for none (internals, or out.logits_at(positions) for a few).
+        pattern_rows (B, C): captured attention patterns keep only these query positions, (B, H, C, T)."""
         want = self.resolve_capture(capture)
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
@@ -295,7 +306,7 @@ class Transformer(nn.Module):
         for l, block in enumerate(self.model.layers):
             name = f"blocks.{l}."
             a, pattern = block.self_attn(block.input_layernorm(x), cos, sin, mask, kv_cache,
-                                         want_pattern=name + "attn.hook_pattern" in want)
+                                         want_pattern=name + "attn.hook_pattern" in want, rows=pattern_rows)
             x = x + a
             m, post = block.mlp(block.post_attention_layernorm(x))
             x = x + m

@@ -70,15 +70,27 @@ def test_content_not_in_wrapped_is_an_error(tiny):
         C.align(tok, Pair(clean=user(QUESTION), wrapped=user("something else"), content=QUESTION))
 
 
-def test_attct_block_is_the_content_block():
-    B, H, T = 2, 3, 6
-    pattern = torch.arange(B * H * T * T, dtype=torch.float).reshape(B, H, T, T)
-    idx = torch.tensor([[1, 2, 4], [0, 3, 5]])
-    block = C.content_block(pattern, idx)
-    for b in range(B):
-        for h in range(H):
-            want = torch.stack([torch.stack([pattern[b, h, q, k] for k in idx[b]]) for q in idx[b]])
-            assert torch.equal(block[b, h], want)
+def test_attct_from_content_rows_equals_the_block_of_full_patterns_by_hand(tiny):
+    """attct captures patterns only at the content's query rows; by hand: full T x T patterns of each pair
+    alone, sliced to the content block, per-head JSD summed over keys, mean over heads, rows, pairs, layers."""
+    model, tok, _ = tiny
+    pairs = make_pairs(tok)
+    loss, _ = C.consistency_loss(model, model, C.collate(pairs, tok.pad_id), [("attct", 1.0)])
+    per_pair = []
+    with torch.no_grad():
+        for a in pairs:
+            pw = model(torch.tensor([a.wrapped]), capture="blocks.*.attn.hook_pattern").cache
+            pc = model(torch.tensor([a.clean]), capture="blocks.*.attn.hook_pattern").cache
+            layers = []
+            for l in range(model.cfg.n_layer):
+                w = pw[f"blocks.{l}.attn.hook_pattern"][0][:, a.content[1]][:, :, a.content[1]]
+                c = pc[f"blocks.{l}.attn.hook_pattern"][0][:, a.content[0]][:, :, a.content[0]]
+                w, c = w.clamp(min=1e-9), c.clamp(min=1e-9)
+                m = (w + c) / 2
+                js = (0.5 * w * (w / m).log() + 0.5 * c * (c / m).log()).sum(-1)   # (H, C)
+                layers.append(js.mean())
+            per_pair.append(torch.stack(layers))
+    assert torch.isclose(loss, torch.stack(per_pair).mean(0).mean(), rtol=1e-4)
 
 
 def test_jsd_by_hand():
@@ -153,10 +165,11 @@ def test_gradients_flow_only_through_the_wrapped_pass(tiny):
         loss.backward()
         ours = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
         model.zero_grad()
-        capture = C.TARGETS[name].capture
-        clean = model(batch.clean_ids, capture=capture)
+        capture, rows = C.TARGETS[name].capture, C.TARGETS[name].content_rows
+        clean = model(batch.clean_ids, capture=capture, pattern_rows=batch.content_c if rows else None)
         clean = ModelOutput(None, {k: v.detach() for k, v in clean.cache.items()})
-        C.TARGETS[name].fn(model(batch.wrapped_ids, capture=capture), clean, batch).mean().backward()
+        wrapped = model(batch.wrapped_ids, capture=capture, pattern_rows=batch.content_w if rows else None)
+        C.TARGETS[name].fn(wrapped, clean, batch).mean().backward()
         for a, b in zip(ours, [p.grad for p in model.parameters()]):
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6), name
         assert any(a is not None and a.abs().sum() > 0 for a in ours)

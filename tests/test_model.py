@@ -272,3 +272,17 @@ def test_short_bf16_training_attention_matches_sdpa(tiny):
         explicit = model(ids).logits.float()
     assert explicit.requires_grad
     assert (explicit - sdpa).abs().max() <= 0.02 * sdpa.abs().max()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_pattern_rows_are_those_rows_of_the_full_pattern(tiny, padded):
+    model, _, _ = tiny
+    ids = torch.randint(0, 258, (2, 9))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9]) if padded else None
+    rows = torch.tensor([[2, 5, 8], [0, 3, 3]])
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, capture="blocks.*.attn.hook_pattern").cache
+        some = model(ids, attention_mask=mask, capture="blocks.*.attn.hook_pattern", pattern_rows=rows).cache
+    for name, p in full.items():
+        want = torch.stack([p[b][:, rows[b]] for b in range(2)])
+        assert some[name].shape == want.shape and torch.allclose(some[name], want, atol=1e-6), name
