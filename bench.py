@@ -25,7 +25,7 @@ What is measured (every flag is a field of BenchConfig):
    Alignment and padding are done once, outside the timed step, for every implementation.
 2. MFU of our step: model FLOPs (`step_flops`: 2 per multiply-add, backward = 2x forward, causal attention
    counts only the key <= query half, lm_head only where logits are computed, real tokens only) over the
-   fastest of a few large square matmuls timed in the same run, per dtype.
+   fastest of 20 large square matmuls timed in the same run, before and after the training steps (the higher), per dtype.
 3. Greedy generation, new tokens/s at batch 1 and 16: model.generate against transformers' generate
    (left padding, do_sample=False), both with eos switched off so every row runs the same number of
    tokens; "same tokens" is the share of rows where both produced identical ids.
@@ -136,7 +136,7 @@ def step_flops(cfg, pairs, spec: str) -> int:
     return clean + 3 * wrapped + 2 * cfg.d_model * cfg.vocab_size * (head_c + 3 * head_w)
 
 
-def matmul_peak(n: int, dtype, device, repeat=5) -> float:
+def matmul_peak(n: int, dtype, device, repeat=20) -> float:
     """FLOP/s of the fastest of `repeat` n x n x n matmuls: the most this device does in this dtype."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     t = timeit(lambda: a @ b, warmup=2, repeat=repeat, sync=sync_fn(device))
@@ -437,12 +437,22 @@ def run(cfg: BenchConfig):
                     print(f"{regime} {dtype} {spec} {impl}: {n_tokens / t.median:.0f} pair-tok/s, "
                           f"loss {t.first:.6g}, peak {fmt(mem.mib)} MiB", flush=True)
                 if "ours" in row:
-                    row["mfu"] = row["flops"] / row["ours"]["step_s"] / result["peak_flops"][dtype]
+                    row["mfu"] = row["flops"] / row["ours"]["step_s"]  # divided by the peak at the end
                     others = [row[i]["loss"] for i in impls if i != "ours"]
                     # relative, with a floor: a loss that is ~0 (no signal in this batch) has no relative error
                     row["loss_rel_diff"] = max((abs(o - row["ours"]["loss"]) / max(abs(row["ours"]["loss"]), 1e-4)
                                                 for o in others), default=None)
                 result["train"].append(row)
+
+    # a shared VM's speed drifts over minutes (the same peak measured 550-780 GFLOP/s on one thread within
+    # an hour): measure it again after the training steps and divide by the higher of the two
+    for dtype in dtypes:
+        again = matmul_peak(peak_n, torch.float32 if dtype == "fp32" else torch.bfloat16, device)
+        print(f"matmul peak {dtype} after the training steps: {again / 1e9:.0f} GFLOP/s", flush=True)
+        result["peak_flops"][dtype] = max(result["peak_flops"][dtype], again)
+    for row in result["train"]:
+        if "mfu" in row:
+            row["mfu"] /= result["peak_flops"][row["dtype"]]
 
     prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=16, seed=cfg.seed)]
     for dtype in dtypes:

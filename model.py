@@ -13,7 +13,8 @@ Parameter names are Hugging Face's, so a checkpoint loads with no renaming and s
 Internals are captured inline in forward under TransformerLens names (no hooks, nothing detached):
     blocks.{l}.hook_resid_post   (B, T, d_model)      output of block l
     blocks.{l}.mlp.hook_post     (B, T, d_ff)         act(gate) * up, the input to down_proj
-    blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities
+    blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities ((B, n_head, C, T)
+                                                      with pattern_rows: only the query rows a loss reads)
 Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
 for short bf16 training sequences on the CPU, where they are faster to differentiate.
 """
@@ -197,8 +198,11 @@ class Attention(nn.Module):
                                                enable_gqa=True)
         if want_pattern and rows is not None:  # only the query rows a loss reads: C x T instead of T x T
             bi = torch.arange(B, device=x.device)[:, None]
-            pattern = self.probs(q.transpose(1, 2)[bi, rows].transpose(1, 2), k,
-                                 mask.expand(B, -1, -1, -1)[bi, 0, rows][:, None])
+            if pattern is not None:  # the short path built every row already
+                pattern = pattern.transpose(1, 2)[bi, rows].transpose(1, 2)
+            else:
+                pattern = self.probs(q.transpose(1, 2)[bi, rows].transpose(1, 2), k,
+                                     mask.expand(B, -1, -1, -1)[bi, 0, rows][:, None])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern
 
     def probs(self, q, k, allowed):

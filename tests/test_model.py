@@ -286,3 +286,16 @@ def test_pattern_rows_are_those_rows_of_the_full_pattern(tiny, padded):
     for name, p in full.items():
         want = torch.stack([p[b][:, rows[b]] for b in range(2)])
         assert some[name].shape == want.shape and torch.allclose(some[name], want, atol=1e-6), name
+
+
+def test_pattern_rows_under_short_bf16_training_equal_the_rows_of_the_full_pattern(tiny):
+    """The short bf16 CPU training path slices the rows from the pattern it builds anyway."""
+    model, _, _ = tiny
+    ids = torch.randint(0, 258, (2, 9))
+    rows = torch.tensor([[2, 5, 8], [0, 3, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(ids, capture="blocks.*.attn.hook_pattern").cache
+        some = model(ids, capture="blocks.*.attn.hook_pattern", pattern_rows=rows).cache
+    for name, p in full.items():
+        assert some[name].requires_grad
+        assert torch.equal(some[name], torch.stack([p[b][:, rows[b]] for b in range(2)])), name
