@@ -22,8 +22,8 @@
 # Parallelism: JOBS (2) train.py runs at once with THREADS (nproc / JOBS) threads each; eval.py uses every core.
 # Wall time: the script measures itself and appends the total to the report (OUT/report/results.md).
 #   QUICK=1 with a tiny random model (tests/conftest.py), 2 shared CPU cores: 8 min (training 4, evaluation 4).
-#   Full run, embedded model, these defaults, 2 CPU cores: about 1 h 25 min (2 organisms + 20 train.py runs
-#   ~55 min, eval.py over 20 checkpoints and 3 bases 30 min); README, "The whole study".
+#   Full run, embedded model, these defaults, 2 CPU cores: about 1 h 20 min (2 organisms + 20 train.py runs
+#   ~52 min, eval.py over 20 checkpoints and 3 bases 30 min); README, "The whole study".
 set -euo pipefail
 cd "$(dirname "$0")"
 
