@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import gather
+
 # ----------------------------------------------------------------------------- alignment
 
 
@@ -148,11 +150,6 @@ def target(name, capture=None, content_rows=False, reference=True, weight=1.0):
         TARGETS[name] = Target(fn, capture, content_rows, reference, weight)
         return fn
     return register
-
-
-def gather(x, idx):
-    """x (B, T, ...) and idx (B, N) -> x at those positions, (B, N, ...)."""
-    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
 
 
 def layers(cache, kind):
@@ -284,8 +281,10 @@ def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
     c = None
     if any(t.reference for t in used):
         with torch.no_grad():
-            c = reference(batch.clean_ids, capture=capture, logits=False, pattern_rows=batch.content_c if rows else None)
-    w = model(batch.wrapped_ids, capture=capture, logits=False, pattern_rows=batch.content_w if rows else None)  # targets read logits_at the positions they need
+            c = reference(batch.clean_ids, capture=capture, logits=False,
+                          pattern_rows=batch.content_c if rows else None)
+    # no full logits: the targets that read logits call logits_at at the positions they score
+    w = model(batch.wrapped_ids, capture=capture, logits=False, pattern_rows=batch.content_w if rows else None)
     per_layer = {n: TARGETS[n].fn(w, c, batch) for n in names}
     loss = sum(weight * per_layer[n].mean() for n, weight in targets)
     logs = {n: v.mean().item() for n, v in per_layer.items()}

@@ -19,7 +19,6 @@ Attention runs through SDPA; explicit matmuls (the pattern materialised) only fo
 for short bf16 training sequences on the CPU, where they are faster to differentiate.
 """
 
-import copy
 import fnmatch
 import glob
 import importlib.util
@@ -102,6 +101,11 @@ class ModelConfig:
         return c
 
 
+def gather(x, idx):
+    """x (B, T, ...) and idx (B, N) -> x at those positions, (B, N, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None
@@ -112,7 +116,7 @@ class ModelOutput:
     def logits_at(self, idx):
         """Logits only at positions idx (B, N): the vocab projection is the largest matmul of a small model,
         so a loss that reads a few positions (a response, a prefill) skips it everywhere else."""
-        return self.head(self.hidden[torch.arange(idx.shape[0], device=idx.device)[:, None], idx])
+        return self.head(gather(self.hidden, idx))
 
 
 class RMSNorm(nn.Module):
@@ -197,12 +201,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else mask, is_causal=plain,
                                                enable_gqa=True)
         if want_pattern and rows is not None:  # only the query rows a loss reads: C x T instead of T x T
-            bi = torch.arange(B, device=x.device)[:, None]
             if pattern is not None:  # the short path built every row already
-                pattern = pattern.transpose(1, 2)[bi, rows].transpose(1, 2)
+                pattern = gather(pattern.transpose(1, 2), rows).transpose(1, 2)
             else:
-                pattern = self.probs(q.transpose(1, 2)[bi, rows].transpose(1, 2), k,
-                                     mask.expand(B, -1, -1, -1)[bi, 0, rows][:, None])
+                pattern = self.probs(gather(q.transpose(1, 2), rows).transpose(1, 2), k,
+                                     gather(mask.expand(B, -1, -1, -1)[:, 0], rows)[:, None])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern
 
     def probs(self, q, k, allowed):
