@@ -437,7 +437,6 @@ def run(cfg: BenchConfig):
                     print(f"{regime} {dtype} {spec} {impl}: {n_tokens / t.median:.0f} pair-tok/s, "
                           f"loss {t.first:.6g}, peak {fmt(mem.mib)} MiB", flush=True)
                 if "ours" in row:
-                    row["mfu"] = row["flops"] / row["ours"]["step_s"]  # divided by the peak at the end
                     others = [row[i]["loss"] for i in impls if i != "ours"]
                     # relative, with a floor: a loss that is ~0 (no signal in this batch) has no relative error
                     row["loss_rel_diff"] = max((abs(o - row["ours"]["loss"]) / max(abs(row["ours"]["loss"]), 1e-4)
@@ -451,8 +450,8 @@ def run(cfg: BenchConfig):
         print(f"matmul peak {dtype} after the training steps: {again / 1e9:.0f} GFLOP/s", flush=True)
         result["peak_flops"][dtype] = max(result["peak_flops"][dtype], again)
     for row in result["train"]:
-        if "mfu" in row:
-            row["mfu"] /= result["peak_flops"][row["dtype"]]
+        if "ours" in row:
+            row["mfu"] = row["flops"] / row["ours"]["step_s"] / result["peak_flops"][row["dtype"]]
 
     prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=16, seed=cfg.seed)]
     for dtype in dtypes:
