@@ -152,16 +152,20 @@ def target(name, capture=None, content_rows=False, reference=True, weight=1.0):
     return register
 
 
-def layers(cache, kind):
+def stacked(cache, kind, select):
+    """Every layer's captured `kind`, each passed through `select` (taking the positions a loss reads), on a
+    leading layer axis (L, B, ...): the loss is then computed once for all layers, not in a loop of L small
+    computations, which mattered where each op's launch costs more than its work (a GPU)."""
     n = len([k for k in cache if k.endswith("." + kind)])
-    return [cache[f"blocks.{l}.{kind}"] for l in range(n)]
+    return torch.stack([select(cache[f"blocks.{l}.{kind}"]) for l in range(n)])
 
 
 def masked_mean(x, valid):
     """Mean over each example's valid positions, then over examples: every pair weighs the same, and the
-    mean of equal-sized shards equals the mean of the whole batch (so DDP reproduces one process)."""
-    dims = tuple(range(1, x.dim()))
-    return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean()
+    mean of equal-sized shards equals the mean of the whole batch (so DDP reproduces one process).
+    x (..., B, N...) and valid (B, N...): leading axes (layers) are kept."""
+    dims = tuple(range(1 - valid.dim(), 0))
+    return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean(-1)
 
 
 @target("bct", reference=False)
@@ -172,9 +176,9 @@ def bct(w, c, b):
 
 @target("act", capture="blocks.*.hook_resid_post", weight=1e-4)
 def act(w, c, b):
-    return torch.stack([
-        masked_mean((gather(hw, b.suffix_w) - gather(hc, b.suffix_c)).float().pow(2).sum(-1), b.suffix_valid)
-        for hw, hc in zip(layers(w.cache, "hook_resid_post"), layers(c.cache, "hook_resid_post"))])
+    hw = stacked(w.cache, "hook_resid_post", lambda h: gather(h, b.suffix_w))
+    hc = stacked(c.cache, "hook_resid_post", lambda h: gather(h, b.suffix_c))
+    return masked_mean((hw - hc).float().pow(2).sum(-1), b.suffix_valid)
 
 
 def one_minus_cos(a, b):
@@ -185,9 +189,9 @@ def one_minus_cos(a, b):
 
 @target("mlpct", capture="blocks.*.mlp.hook_post")
 def mlpct(w, c, b):
-    return torch.stack([
-        masked_mean(one_minus_cos(gather(mw, b.content_w), gather(mc, b.content_c)), b.content_valid)
-        for mw, mc in zip(layers(w.cache, "mlp.hook_post"), layers(c.cache, "mlp.hook_post"))])
+    mw = stacked(w.cache, "mlp.hook_post", lambda m: gather(m, b.content_w))
+    mc = stacked(c.cache, "mlp.hook_post", lambda m: gather(m, b.content_c))
+    return masked_mean(one_minus_cos(mw, mc), b.content_valid)
 
 
 def content_block(pattern, idx):
@@ -206,11 +210,11 @@ def jsd(p, q):
 
 @target("attct", capture="blocks.*.attn.hook_pattern", content_rows=True)
 def attct(w, c, b):
+    aw = stacked(w.cache, "attn.hook_pattern", lambda a: content_block(a, b.content_w))  # (L, B, H, C, C)
+    ac = stacked(c.cache, "attn.hook_pattern", lambda a: content_block(a, b.content_c))
     keys = b.content_valid[:, None, None, :]
-    rows = b.content_valid[:, None, :].expand(-1, w.cache["blocks.0.attn.hook_pattern"].shape[1], -1)
-    return torch.stack([
-        masked_mean((jsd(content_block(aw, b.content_w), content_block(ac, b.content_c)) * keys).sum(-1), rows)
-        for aw, ac in zip(layers(w.cache, "attn.hook_pattern"), layers(c.cache, "attn.hook_pattern"))])
+    rows = b.content_valid[:, None, :].expand(-1, aw.shape[2], -1)
+    return masked_mean((jsd(aw, ac) * keys).sum(-1), rows)
 
 
 @target("prefill")
