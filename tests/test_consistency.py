@@ -176,6 +176,26 @@ def test_gradients_flow_only_through_the_wrapped_pass(tiny):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("name", ["act", "mlpct", "attct"])
+def test_all_layers_at_once_equals_layer_by_layer(tiny, monkeypatch, name):
+    """The GPU path of over_layers (one loss over stacked layers) against the CPU path (a loop): the
+    per-layer losses and the gradients must agree. Forced here by emptying the layer-by-layer devices."""
+    model, tok, _ = tiny
+    batch = C.collate(make_pairs(tok), tok.pad_id)
+    results = []
+    for devices in (("cpu",), ()):
+        monkeypatch.setattr(C, "LAYERWISE_DEVICES", devices)
+        model.zero_grad()
+        loss, logs = C.consistency_loss(model, model, batch, [(name, 1.0)])
+        loss.backward()
+        results.append((logs[f"{name}_per_layer"], [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad()
+    (loop, loop_grads), (stacked, stacked_grads) = results
+    assert len(loop) == model.cfg.n_layer and torch.allclose(torch.tensor(loop), torch.tensor(stacked), rtol=1e-5, atol=1e-8)
+    assert len(loop_grads) == len(stacked_grads) > 0
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(loop_grads, stacked_grads))
+
+
 def test_lora_reference_is_theta0(tiny):
     model, tok, _ = tiny
     m = copy.deepcopy(model)
