@@ -22,13 +22,16 @@ What is measured (every flag is a field of BenchConfig):
    Activation targets call transformers' base model (no lm_head), as ours skips logits, so neither side
    wins by skipping work. The first step's loss (at theta0) of each implementation is compared: it checks
    that both compute the same thing. Pair-tokens/s = (clean + wrapped tokens, unpadded) / median step time.
-   Alignment and padding are done once, outside the timed step, for every implementation.
+   Alignment and padding are done once, outside the timed step, for every implementation. Each
+   implementation is built and timed --rounds times in alternating order (ours hf hf-b1, hf-b1 hf ours) and
+   its times pooled, so the machine's drift over minutes does not favour whichever ran first.
 2. MFU of our step: model FLOPs (`step_flops`: 2 per multiply-add, backward = 2x forward, causal attention
    counts only the key <= query half, lm_head only where logits are computed, real tokens only) over the
    fastest of 20 large square matmuls timed in the same run, before and after the training steps (the higher), per dtype.
 3. Greedy generation, new tokens/s at batch 1 and 16: model.generate against transformers' generate
    (left padding, do_sample=False), both with eos switched off so every row runs the same number of
-   tokens; "same tokens" is the share of rows where both produced identical ids.
+   tokens, in alternating rounds as above; "same tokens" is the share of rows where both produced
+   identical ids.
 4. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
    model copies it builds (trained model, frozen reference, gradients, AdamW state, activations).
 
@@ -73,7 +76,8 @@ class BenchConfig:
     impls: str = "ours,hf,hf-b1"
     batch_size: int = 8                   # pairs per training step
     warmup: int = 1                       # untimed calls before each measurement
-    steps: int = 3                        # timed calls; the median is reported
+    steps: int = 3                        # timed calls per round; the median over all rounds is reported
+    rounds: int = 2                       # each implementation built and timed this often, in alternating order
     response_tokens: int = 24             # length of theta0's greedy responses that BCT trains on
     lr: float = 1e-5
     adamw: str = "fused"                  # default | foreach | fused: torch's AdamW implementation, the same for
@@ -107,6 +111,26 @@ def timeit(fn, warmup=1, repeat=3, sync=lambda: None) -> Timing:
         sync()
         times.append(time.perf_counter() - t)
     return Timing(statistics.median(times), times, results[0])
+
+
+def alternating(build, impls, rounds, warmup, steps, sync, device) -> dict:
+    """Build and time each implementation `rounds` times in alternating order (A B C, then C B A, ...) and
+    pool its times, so that a drift in the machine's speed over minutes falls on all of them alike (this
+    VM's matmul peak moved from 1.8 to 2.7 TFLOP/s within one run; timed one after the other, the later
+    implementation took the drift). build(impl) -> the no-argument function to time; it is dropped after
+    its round. Returns {impl: (Timing, peak MiB)}: the Timing's median and times pooled over the rounds,
+    its `first` the very first call's result, the peak the highest of the rounds'."""
+    times, first, peak = {i: [] for i in impls}, {}, {i: None for i in impls}
+    for r in range(max(1, rounds)):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            with PeakMemory(device) as mem:
+                fn = build(impl)
+                t = timeit(fn, warmup, steps, sync)
+                del fn
+            times[impl] += t.times
+            first.setdefault(impl, t.first)
+            peak[impl] = max((m for m in (peak[impl], mem.mib) if m is not None), default=None)
+    return {i: (Timing(statistics.median(times[i]), times[i], first[i]), peak[i]) for i in impls}
 
 
 def matmul_weights(cfg, logits: bool) -> int:
@@ -427,15 +451,14 @@ def run(cfg: BenchConfig):
             for spec in split(cfg.targets):
                 row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs), "pair_tokens": n_tokens,
                        "mean_len": [statistics.mean(x) for x in lengths], "flops": step_flops(ours.cfg, pairs, spec)}
-                for impl in impls:
-                    with PeakMemory(device) as mem:
-                        step = build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr, device, dtype, cfg.adamw)
-                        t = timeit(step, cfg.warmup, cfg.steps, sync)
-                        del step
+                timed = alternating(lambda impl: build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr, device,
+                                                            dtype, cfg.adamw),
+                                    impls, cfg.rounds, cfg.warmup, cfg.steps, sync, device)
+                for impl, (t, mib) in timed.items():
                     row[impl] = {"step_s": t.median, "times": t.times, "tok_s": n_tokens / t.median,
-                                 "loss": t.first, "peak_mib": mem.mib}
+                                 "loss": t.first, "peak_mib": mib}
                     print(f"{regime} {dtype} {spec} {impl}: {n_tokens / t.median:.0f} pair-tok/s, "
-                          f"loss {t.first:.6g}, peak {fmt(mem.mib)} MiB", flush=True)
+                          f"loss {t.first:.6g}, peak {fmt(mib)} MiB", flush=True)
                 if "ours" in row:
                     others = [row[i]["loss"] for i in impls if i != "ours"]
                     # relative, with a floor: a loss that is ~0 (no signal in this batch) has no relative error
@@ -459,16 +482,16 @@ def run(cfg: BenchConfig):
         for bs in map(int, split(cfg.gen_batches)):
             rows = (prompts * (bs // len(prompts) + 1))[:bs]
             row = {"dtype": dtype, "batch": bs, "new_tokens": cfg.gen_tokens, "prompt_len": statistics.mean(map(len, rows))}
-            outs = {}
-            for impl, src, fn in (("ours", ours, generate_ours), ("hf", hf, generate_hf)):
-                with PeakMemory(device) as mem:
-                    m = copy.deepcopy(src).to(torch_dtype)
-                    t = timeit(lambda: fn(m, rows, cfg.gen_tokens, tok.pad_id), cfg.warmup, cfg.steps, sync)
-                    del m
-                outs[impl] = t.first
-                row[impl] = {"s": t.median, "times": t.times, "tok_s": bs * cfg.gen_tokens / t.median, "peak_mib": mem.mib}
+            def build(impl):
+                src, fn = (ours, generate_ours) if impl == "ours" else (hf, generate_hf)
+                m = copy.deepcopy(src).to(torch_dtype)
+                return lambda: fn(m, rows, cfg.gen_tokens, tok.pad_id)
+
+            timed = alternating(build, ["ours", "hf"], cfg.rounds, cfg.warmup, cfg.steps, sync, device)
+            for impl, (t, mib) in timed.items():
+                row[impl] = {"s": t.median, "times": t.times, "tok_s": bs * cfg.gen_tokens / t.median, "peak_mib": mib}
                 print(f"generate {dtype} batch {bs} {impl}: {bs * cfg.gen_tokens / t.median:.1f} tok/s", flush=True)
-            row["same_tokens"] = sum(a == b for a, b in zip(outs["ours"], outs["hf"])) / bs
+            row["same_tokens"] = sum(a == b for a, b in zip(timed["ours"][0].first, timed["hf"][0].first)) / bs
             result["generate"].append(row)
 
     result["goals"] = goals(result)

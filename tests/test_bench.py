@@ -3,6 +3,7 @@ the memory meter, and the transformers implementation of each target against con
 from both sides is what makes the speed comparison fair). The benchmark itself is not a timed test."""
 
 import copy
+import statistics
 import time
 
 import pytest
@@ -70,6 +71,21 @@ def test_timeit_excludes_warmup_and_takes_the_median():
     assert len(calls) == 4 and len(t.times) == 3 and t.first == 1
     assert 0.02 <= t.median < 0.1      # the slow warmup call and the one slow timed call do not count
     assert max(t.times) >= 0.12
+
+
+def test_alternating_rounds_reverse_the_order_and_pool_the_times():
+    calls, built = [], []
+
+    def build(impl):
+        built.append(impl)
+        return lambda: calls.append(impl) or impl
+
+    timed = bench.alternating(build, ["a", "b", "c"], rounds=2, warmup=1, steps=3, sync=lambda: None, device="cpu")
+    assert built == ["a", "b", "c", "c", "b", "a"]       # ABC then CBA: a drift falls on all alike
+    assert calls == [x for impl in built for x in [impl] * 4]  # per round: 1 warmup + 3 timed calls
+    for impl in "abc":
+        t, _ = timed[impl]
+        assert len(t.times) == 6 and t.first == impl and t.median == statistics.median(t.times)
 
 
 def test_peak_memory_sees_a_temporary_allocation():
