@@ -13,7 +13,8 @@ What is measured (every flag is a field of BenchConfig):
 1. Training step, per target and sequence-length regime: the clean reference pass (no_grad, frozen copy),
    the wrapped forward and backward, gradient clipping and an AdamW step, full fine-tuning. Three
    implementations of the same loss on the same batch and dtype policy:
-     ours        consistency.consistency_loss on a collated batch (model.py captures inline)
+     ours        consistency.consistency_loss on a collated batch (model.py captures inline), its blocks
+                 compiled as train.py --compile does (--no-compile: run them eagerly)
      hf          transformers at the same batch: right padding + attention_mask in one forward; ACT from
                  output_hidden_states, MLPCT from forward pre-hooks on every mlp.down_proj, AttCT from
                  eager attention with output_attentions, BCT from the logits
@@ -82,6 +83,7 @@ class BenchConfig:
     lr: float = 1e-5
     adamw: str = "fused"                  # default | foreach | fused: torch's AdamW implementation, the same for
                                           # every implementation (train.py uses fused)
+    compile: bool = True                  # ours: compile the blocks, as train.py --compile (the warmup takes the compile)
     gen_batches: str = "1,16"
     gen_tokens: int = 32                  # new tokens per generated row
     peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU, 8192 GPU
@@ -289,9 +291,10 @@ def padded(rows, pad_id, device):
 
 # ----------------------------------------------------------------------------- one training step per implementation
 
-def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtype, adamw="default"):
+def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtype, adamw="default", compile=False):
     """A no-argument function doing one full training step of `impl` on `pairs`, returning the loss; the
-    models it trains are fresh copies, so every implementation starts from the same theta0."""
+    models it trains are fresh copies, so every implementation starts from the same theta0. compile: ours
+    runs compiled blocks (model.compile_blocks)."""
     targets = C.parse_targets(spec)
     names = [n for n, _ in targets]
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
@@ -300,6 +303,9 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
     reference = copy.deepcopy(src).eval().requires_grad_(False)
     if impl == "ours" and dtype == "bf16":
         bf16_linears(reference)  # as train.py does: theta0's weights stored as autocast would cast them
+    if impl == "ours" and compile:
+        for m in (model, reference):
+            m.compile_blocks()
     if impl != "ours" and "attct" in names:
         for m in (model, reference):
             m.set_attn_implementation("eager")  # output_attentions needs the eager path
@@ -452,7 +458,7 @@ def run(cfg: BenchConfig):
                 row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs), "pair_tokens": n_tokens,
                        "mean_len": [statistics.mean(x) for x in lengths], "flops": step_flops(ours.cfg, pairs, spec)}
                 timed = alternating(lambda impl: build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr, device,
-                                                            dtype, cfg.adamw),
+                                                            dtype, cfg.adamw, cfg.compile),
                                     impls, cfg.rounds, cfg.warmup, cfg.steps, sync, device)
                 for impl, (t, mib) in timed.items():
                     row[impl] = {"step_s": t.median, "times": t.times, "tok_s": n_tokens / t.median,
@@ -527,8 +533,9 @@ def table(res, impls):
              "Matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()) + ".", ""]
     if res["train"]:
         cols = [f"{i} tok/s" for i in impls] + [f"x {i}" for i in impls if i != "ours" and "ours" in impls]
-        lines += ["Training step, pair-tokens/s (median); x = ours / that; loss diff = max relative difference of "
-                  "the first-step loss from ours.", "",
+        how = "compiled blocks (train.py --compile)" if res["config"].get("compile") else "eager blocks"
+        lines += [f"Training step, pair-tokens/s (median); ours runs {how}; x = ours / that; loss diff = max relative "
+                  "difference of the first-step loss from ours.", "",
                   "| regime (clean/wrapped tokens) | dtype | target | " + " | ".join(cols) +
                   " | MFU | peak MiB " + " / ".join(impls) + " | loss diff |",
                   "|" + "---|" * (len(cols) + 6)]

@@ -16,7 +16,8 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
     blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities ((B, n_head, C, T)
                                                       with pattern_rows: only the query rows a loss reads)
 Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
-for short bf16 training sequences on the CPU, where they are faster to differentiate.
+for short bf16 training sequences on the CPU, where they are faster to differentiate. model.compile_blocks()
+compiles the blocks for training (train.py --compile).
 """
 
 import fnmatch
@@ -239,6 +240,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
+    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None):
+        """-> the block's output (the residual stream after it), its attention pattern (or None), its MLP post."""
+        a, pattern = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, want_pattern, rows)
+        x = x + a
+        m, post = self.mlp(self.post_attention_layernorm(x))
+        return x + m, pattern, post
+
 
 class KVCache:
     """Preallocated per-layer keys and values; every row shares one write position (prompts are left-padded)."""
@@ -317,16 +325,22 @@ class Transformer(nn.Module):
         cache = {}
         for l, block in enumerate(self.model.layers):
             name = f"blocks.{l}."
-            a, pattern = block.self_attn(block.input_layernorm(x), cos, sin, mask, kv_cache,
-                                         want_pattern=name + "attn.hook_pattern" in want, rows=pattern_rows)
-            x = x + a
-            m, post = block.mlp(block.post_attention_layernorm(x))
-            x = x + m
+            # decoding writes a cache whose length changes every token: compiled blocks would recompile for each
+            run = block.forward if kv_cache is not None else block
+            x, pattern, post = run(x, cos, sin, mask, kv_cache, name + "attn.hook_pattern" in want, pattern_rows)
             for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
                 if name + key in want:
                     cache[name + key] = value
         x = self.model.norm(x)
         return ModelOutput(self.lm_head(x) if logits else None, cache, x, self.lm_head)
+
+    def compile_blocks(self) -> "Transformer":
+        """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
+        length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts): training
+        steps ~1.25x faster on 2 CPU cores, after a one-off compile of 5-25 s. Generation stays eager."""
+        for block in self.model.layers:
+            block.compile(dynamic=True)
+        return self
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None, pad_id=0,

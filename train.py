@@ -68,6 +68,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str = ""           # comma list of projections; empty: the recipe's
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
+    compile: bool = False            # torch.compile the blocks: ~1.25x faster steps after a one-off 5-25 s compile
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
     anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
                                      # anchoring theta's clean run to theta0's (the targets only constrain w(x))
@@ -259,7 +260,8 @@ def load_checkpoint(cfg, model, opt):
         raise ValueError(f"--resume: no checkpoint in {path}: start without --resume")
     saved = json.load(open(os.path.join(path, "train_config.json")))
     mine = dataclasses.asdict(cfg)
-    diff = [k for k in mine if k != "resume" and saved.get(k) != mine[k]]
+    # compiling changes how the steps run, not what they compute
+    diff = [k for k in mine if k not in ("resume", "compile") and saved.get(k) != mine[k]]
     if diff:
         raise ValueError(f"--resume: {path} was written with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
                          f"rerun with the same flags or a new --out")
@@ -341,6 +343,9 @@ def train(cfg: TrainConfig):
     C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
     if bf16 and not cfg.lora_rank:  # theta0's generation is done: from here it only runs under autocast
         bf16_linears(frozen)
+    if cfg.compile:
+        for m in {id(model): model, id(theta0): theta0}.values():
+            m.compile_blocks()
 
     log = open(os.path.join(cfg.out, "log.jsonl"), "a") if run.main else None
     ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)

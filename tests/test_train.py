@@ -67,6 +67,23 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypat
     assert steps == [0, 1, 2, 3, 3, 4, 5]
 
 
+def test_compiled_run_matches_the_eager_one_and_resumes_it(tiny_dir, tmp_path, monkeypatch):
+    """--compile really compiles (dynamo builds graphs) and trains the same weights as the eager run; a run
+    interrupted eagerly resumes compiled, since compiling changes how steps run, not what they compute."""
+    from torch._dynamo.utils import counters
+    train.train(config(tiny_dir, tmp_path / "eager"))
+    graphs = counters["stats"]["unique_graphs"]
+    train.train(config(tiny_dir, tmp_path / "compiled", compile=True))
+    assert counters["stats"]["unique_graphs"] > graphs
+    interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
+    train.train(config(tiny_dir, tmp_path / "cut", resume=True, compile=True))
+    eager = weights(tmp_path / "eager")
+    for run in ("compiled", "cut"):
+        other = weights(tmp_path / run)
+        assert other.keys() == eager.keys()
+        assert all(torch.allclose(other[k], eager[k], rtol=1e-4, atol=1e-6) for k in eager), run
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "fresh", resume=True))
