@@ -334,12 +334,16 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         return ModelOutput(self.lm_head(x) if logits else None, cache, x, self.lm_head)
 
-    def compile_blocks(self) -> "Transformer":
+    def compile_blocks(self, **options) -> "Transformer":
         """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
         length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts): training
-        steps ~1.25x faster on 2 CPU cores, after a one-off compile of 5-25 s. Generation stays eager."""
+        steps ~1.25x faster on 2 CPU cores, after a one-off compile of 5-25 s. Generation stays eager.
+        options go to torch.compile (mode=..., backend=...)."""
+        # one graph per combination of grad mode, autocast, pattern capture, LoRA switch and attention path:
+        # one process can need more than dynamo's default 8 (bench.py needs ~30), past which it runs eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.model.layers:
-            block.compile(dynamic=True)
+            block.compile(dynamic=True, **options)
         return self
 
     @torch.no_grad()

@@ -299,3 +299,25 @@ def test_pattern_rows_under_short_bf16_training_equal_the_rows_of_the_full_patte
     for name, p in full.items():
         assert some[name].requires_grad
         assert torch.equal(some[name], torch.stack([p[b][:, rows[b]] for b in range(2)])), name
+
+
+def test_compiled_blocks_keep_compiling_past_dynamos_default_limit(tiny):
+    """Each combination of grad mode, autocast and pattern capture is its own graph: bench.py needs ~30 in
+    one process. Past dynamo's default of 8, new ones would run eagerly without a word; compile_blocks
+    raises the limit, so all 12 here compile and agree with the eager model. (Dynamo's eager backend: the
+    limit is dynamo's, whatever compiles the graphs, and inductor would take minutes over 12 of them.)"""
+    from torch._dynamo.utils import counters
+    model, _, _ = tiny
+    compiled = copy.deepcopy(model).compile_blocks(backend="eager")
+    ids = torch.randint(0, 258, (2, 9))
+    rows = torch.tensor([[2, 3, 4], [5, 6, 7]])
+    for grad in (False, True):
+        for bf16 in (False, True):
+            for capture, pattern_rows in (([], None), (["blocks.*"], None), (["blocks.*"], rows)):
+                graphs = counters["stats"]["unique_graphs"]
+                with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    ours = compiled(ids, capture=capture, pattern_rows=pattern_rows, logits=False).cache
+                    eager = model(ids, capture=capture, pattern_rows=pattern_rows, logits=False).cache
+                assert counters["stats"]["unique_graphs"] > graphs, (grad, bf16, capture, pattern_rows)
+                tol = 2e-2 if bf16 else 1e-5
+                assert all(torch.allclose(ours[k].float(), eager[k].float(), atol=tol) for k in eager)
