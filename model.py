@@ -337,7 +337,8 @@ class Transformer(nn.Module):
     def compile_blocks(self, **options) -> "Transformer":
         """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
         length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts): training
-        steps ~1.25x faster on 2 CPU cores, after a one-off compile of 5-25 s. Generation stays eager.
+        steps 1.25-1.33x faster on 2 CPU cores, after a compile of 5-30 s (inductor caches it on disk for later
+        runs). Generation stays eager.
         options go to torch.compile (mode=..., backend=...)."""
         # one graph per combination of grad mode, autocast, pattern capture, LoRA switch and attention path:
         # one process can need more than dynamo's default 8 (bench.py needs ~30), past which it runs eagerly

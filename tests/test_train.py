@@ -84,6 +84,17 @@ def test_compiled_run_matches_the_eager_one_and_resumes_it(tiny_dir, tmp_path, m
         assert all(torch.allclose(other[k], eager[k], rtol=1e-4, atol=1e-6) for k in eager), run
 
 
+def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
+    """No C++ compiler for inductor: train.py --compile exits with one line naming the fix, no traceback."""
+    script = ("import runpy, torch._inductor.config as c; c.cpp.cxx = ('/nonexistent/g++',); "
+              "runpy.run_path('train.py', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", script, "--model", tiny_dir, "--out", str(tmp_path / "c"), "--compile",
+                          "--n-train", "8", "--steps", "1", "--batch-size", "2", "--eval-n", "0", "--bf16", "off"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --compile failed (InvalidCxxCompiler"), res.stderr[-2000:]
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "fresh", resume=True))
