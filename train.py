@@ -68,7 +68,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str = ""           # comma list of projections; empty: the recipe's
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
-    compile: bool = False            # torch.compile the blocks: ~1.3x faster steps; first compile ~30 s, then cached
+    compile: bool = False            # torch.compile the blocks: ~1.3x faster steps; first compile ~30 s, then cached;
+                                     # one process only (not under torchrun)
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
     anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
                                      # anchoring theta's clean run to theta0's (the targets only constrain w(x))
@@ -285,6 +286,9 @@ def table(before, after):
 
 def train(cfg: TrainConfig):
     t0 = time.time()
+    if cfg.compile and "RANK" in os.environ:
+        raise ValueError("--compile under torchrun is not supported: DDP's gradient reduction fails through the "
+                         "compiled blocks; drop --compile or run a single process")
     run = Run()
     if cfg.organism and cfg.organism not in ORGANISM_THREAT:
         raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")

@@ -95,6 +95,12 @@ def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("error: --compile failed (InvalidCxxCompiler"), res.stderr[-2000:]
 
 
+def test_compile_under_torchrun_is_refused(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")  # what torchrun sets; refused before any process group starts
+    with pytest.raises(ValueError, match="--compile under torchrun is not supported"):
+        train.train(config(tiny_dir, tmp_path / "d", compile=True))
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "fresh", resume=True))
