@@ -250,7 +250,8 @@ def hf_loss(name, w, c, b, labels) -> torch.Tensor:
         if w["loss"] is not None and len(labels) == 1:
             return w["loss"]  # transformers' own shifted cross-entropy, exactly the per-pair mean at batch 1
         labels = labels[:, 1:]
-        nll = F.cross_entropy(w["logits"][:, :-1].float().transpose(1, 2), labels, reduction="none")
+        # flattened, as transformers' own loss does (the (B, V, T) layout is less accurate on a CPU)
+        nll = F.cross_entropy(w["logits"][:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
         real = labels != -100
         return ((nll * real).sum(1) / real.sum(1).clamp(min=1)).mean()
     rows = torch.arange(len(b.clean_ids), device=b.clean_ids.device)[:, None]

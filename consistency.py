@@ -177,10 +177,16 @@ def masked_mean(x, valid):
     return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean(-1)
 
 
+def token_nll(logits, ids):
+    """(B, N, V) logits and (B, N) ids -> (B, N) cross-entropy, in fp32 over the last axis: passing the
+    (B, V, N) layout F.cross_entropy also takes puts the log-softmax on a middle axis, where torch's CPU
+    kernel is off by ~1e-4 at a 49k vocabulary (against ~1e-5 here, both checked against fp64)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
+
+
 @target("bct", reference=False)
 def bct(w, c, b):
-    nll = F.cross_entropy(w.logits_at(b.label_pos).float().transpose(1, 2), b.label_ids, reduction="none")
-    return masked_mean(nll, b.label_valid)[None]
+    return masked_mean(token_nll(w.logits_at(b.label_pos), b.label_ids), b.label_valid)[None]
 
 
 @target("act", capture="blocks.*.hook_resid_post", weight=1e-4)

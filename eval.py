@@ -46,7 +46,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import consistency as C
@@ -213,7 +212,7 @@ def line_nll(model, tok, lines, batch_size=16, bar=None):
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         ids = C.pad(chunk, tok.pad_id)  # right padding: causal attention keeps real tokens blind to it
-        nll = F.cross_entropy(model(ids).logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = C.token_nll(model(ids).logits[:, :-1], ids[:, 1:])
         out += [{"nll": nll[j, :len(r) - 1].sum().item(), "tokens": len(r) - 1} for j, r in enumerate(chunk)]
         if bar is not None:
             bar.update(PPL_UNIT * len(chunk))
