@@ -29,7 +29,7 @@ What is measured (every flag is a field of BenchConfig):
 2. MFU of our step: model FLOPs (`step_flops`: 2 per multiply-add, backward = 2x forward, causal attention
    counts only the key <= query half, lm_head only where logits are computed, real tokens only) over the
    fastest of 20 large square matmuls timed in the same run, before and after the training steps (the higher), per dtype.
-3. Greedy generation, new tokens/s at batch 1 and 16: model.generate against transformers' generate
+3. Greedy generation, new tokens/s at batch 1 and 16: model.generate (its blocks compiled, as above) against transformers' generate
    (left padding, do_sample=False), both with eos switched off so every row runs the same number of
    tokens, in alternating rounds as above; "same tokens" is the share of rows where both produced
    identical ids.
@@ -492,6 +492,8 @@ def run(cfg: BenchConfig):
             def build(impl):
                 src, fn = (ours, generate_ours) if impl == "ours" else (hf, generate_hf)
                 m = copy.deepcopy(src).to(torch_dtype)
+                if impl == "ours" and cfg.compile:
+                    m.compile_blocks()
                 return lambda: fn(m, rows, cfg.gen_tokens, tok.pad_id)
 
             timed = alternating(build, ["ours", "hf"], cfg.rounds, cfg.warmup, cfg.steps, sync, device)

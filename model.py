@@ -177,8 +177,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None):
-        """mask: (B, 1, T, T_past + T) bool, or None for a plain causal batch. want_pattern: also return the
-        attention probabilities, (B, H, T, T_past + T), or only at query positions `rows` (B, C): (B, H, C, ...)."""
+        """mask: (B, 1, T, S) bool, or None for a plain causal batch. kv: (keys, values, slots) from a
+        KVCache: this call's keys and values are written at `slots` and attention reads all S = max_len of
+        them. want_pattern: also return the attention probabilities, (B, H, T, S), or only at query positions
+        `rows` (B, C): (B, H, C, S)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -188,7 +190,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            k, v = kv.update(k, v)
+            k_cache, v_cache, slots = kv
+            k, v = k_cache.index_copy_(2, slots, k), v_cache.index_copy_(2, slots, v)
         plain = mask is None  # a right-padded or unpadded batch: causal attention is all it needs
         if plain:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
@@ -249,23 +252,21 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated per-layer keys and values; every row shares one write position (prompts are left-padded)."""
+    """Preallocated keys and values, (B, H_kv, max_len, head_dim) per layer; every row shares one write
+    position `pos` (prompts are left-padded). Attention reads all max_len slots, the unwritten ones masked
+    (they lie in every query's future), so each decoding step has the same shapes: compiled blocks run
+    one graph for a whole generation instead of one per length."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
         self.layers = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)] for _ in range(cfg.n_layer)]
+        for t in sum(self.layers, []):
+            # heads and head_dim are the model's constants; left dynamic, dynamo would give them the batch's
+            # symbol whenever the sizes coincide (batch 3 = 3 kv heads) and then fix the batch at that size
+            torch._dynamo.mark_static(t, 1)
+            torch._dynamo.mark_static(t, 3)
+        self.max_len = max_len
         self.pos = 0
-        self.layer = 0
-
-    def update(self, k, v):
-        kc, vc = self.layers[self.layer]
-        end = self.pos + k.shape[2]
-        kc[:, :, self.pos:end] = k
-        vc[:, :, self.pos:end] = v
-        self.layer += 1
-        if self.layer == len(self.layers):  # the last layer has written this step: advance
-            self.layer, self.pos = 0, end
-        return kc[:, :, :end], vc[:, :, :end]
 
 
 class Transformer(nn.Module):
@@ -303,34 +304,40 @@ class Transformer(nn.Module):
         want = self.resolve_capture(capture)
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
+        S = kv_cache.max_len if kv_cache is not None else T  # keys attended to
+        if past + T > S:
+            raise ValueError(f"{past + T} tokens do not fit a KV cache of {S}: allocate a longer one")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): encode with this model's tokenizer")
         mask = None
         if attention_mask is not None:
             am = attention_mask.bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            k_idx = torch.arange(past + T, device=idx.device)
-            q_idx = k_idx[past:, None]
+            am = F.pad(am, (0, S - am.shape[1]))  # cache slots not written yet
+            k_idx = torch.arange(S, device=idx.device)
+            q_idx = k_idx[past:past + T, None]
             # a pad query would otherwise see no key at all and turn into NaN; let it see itself
             mask = ((k_idx[None, :] <= q_idx) & am[:, None, :]) | (k_idx[None, :] == q_idx)
             mask = mask[:, None]
         else:
             pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
-            if past:  # decoding without padding: every query sees the whole cache
-                mask = torch.ones(B, 1, T, past + T, dtype=torch.bool, device=idx.device).tril(past)
+            if kv_cache is not None:  # causal over the cache's slots (none past the query's own)
+                mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=idx.device).tril(past)
         freqs = pos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
         x = self.model.embed_tokens(idx)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         cache = {}
+        slots = torch.arange(past, past + T, device=idx.device)
         for l, block in enumerate(self.model.layers):
             name = f"blocks.{l}."
-            # decoding writes a cache whose length changes every token: compiled blocks would recompile for each
-            run = block.forward if kv_cache is not None else block
-            x, pattern, post = run(x, cos, sin, mask, kv_cache, name + "attn.hook_pattern" in want, pattern_rows)
+            kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
+            x, pattern, post = block(x, cos, sin, mask, kv, name + "attn.hook_pattern" in want, pattern_rows)
             for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
                 if name + key in want:
                     cache[name + key] = value
+        if kv_cache is not None:
+            kv_cache.pos += T
         x = self.model.norm(x)
         return ModelOutput(self.lm_head(x) if logits else None, cache, x, self.lm_head)
 
@@ -338,7 +345,7 @@ class Transformer(nn.Module):
         """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
         length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts): training
         steps 1.25-1.33x faster on 2 CPU cores, after a compile of 5-30 s (inductor caches it on disk for later
-        runs). Generation stays eager.
+        runs). Generation runs them too: two more graphs (prompt, then one token at a time).
         options go to torch.compile (mode=..., backend=...)."""
         # one graph per combination of grad mode, autocast, pattern capture, LoRA switch and attention path:
         # one process can need more than dynamo's default 8 (bench.py needs ~30), past which it runs eagerly

@@ -209,8 +209,8 @@ def test_all_layers_at_once_equals_layer_by_layer(tiny, monkeypatch, name):
 def test_compiled_blocks_give_the_eager_losses_gradients_and_generations(tiny):
     """model.compile_blocks (train.py --compile) against the same model run eagerly: the loss and LoRA
     gradients of all four targets on a padded batch, then a second batch of another length (dynamic shapes),
-    and greedy generation, which must run the eager blocks (its cache grows every token) and so compile
-    nothing new."""
+    and greedy generation: two graphs (the prompt, then each token against the fixed-length cache), none
+    new for another batch size, prompt length and cache length."""
     from torch._dynamo.utils import counters
     model, tok, _ = tiny
     pairs = make_pairs(tok)
@@ -239,8 +239,10 @@ def test_compiled_blocks_give_the_eager_losses_gradients_and_generations(tiny):
             grads.append([p.grad.clone() for p in params])
             m.zero_grad()
         graphs = counters["stats"]["unique_graphs"]
-        gen = m.generate([pairs[0].clean, pairs[1].clean], max_new_tokens=6, eos_id=-1, pad_id=tok.pad_id)
-        assert counters["stats"]["unique_graphs"] == graphs
+        gen = [m.generate([pairs[0].clean, pairs[1].clean], max_new_tokens=6, eos_id=-1, pad_id=tok.pad_id)]
+        assert counters["stats"]["unique_graphs"] == graphs + 2 * compiled
+        gen.append(m.generate([p.wrapped for p in pairs], max_new_tokens=9, eos_id=-1, pad_id=tok.pad_id))
+        assert counters["stats"]["unique_graphs"] == graphs + 2 * compiled
         runs.append((losses, grads, gen))
     (eager_losses, eager_grads, eager_gen), (losses, grads, gen) = runs
     assert all(l > 0 for l in eager_losses)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_tiny_hf
-from model import add_lora, bf16_linears, load_model, save_model
+from model import KVCache, add_lora, bf16_linears, load_model, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
 
@@ -225,6 +225,8 @@ def test_clear_errors(tiny, tmp_path):
         model(torch.zeros(1, 3, dtype=torch.long), capture=["blocks.0.hook_nope"])
     with pytest.raises(ValueError, match="out of range"):
         model(torch.tensor([[10_000]]))
+    with pytest.raises(ValueError, match="do not fit a KV cache of 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=KVCache(model.cfg, 1, 4, "cpu", torch.float32))
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(str(tmp_path))
     import shutil, json
