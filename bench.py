@@ -29,10 +29,10 @@ What is measured (every flag is a field of BenchConfig):
 2. MFU of our step: model FLOPs (`step_flops`: 2 per multiply-add, backward = 2x forward, causal attention
    counts only the key <= query half, lm_head only where logits are computed, real tokens only) over the
    fastest of 20 large square matmuls timed in the same run, before and after the training steps (the higher), per dtype.
-3. Greedy generation, new tokens/s at batch 1 and 16: model.generate (its blocks compiled, as above) against transformers' generate
-   (left padding, do_sample=False), both with eos switched off so every row runs the same number of
-   tokens, in alternating rounds as above; "same tokens" is the share of rows where both produced
-   identical ids.
+3. Greedy generation, new tokens/s at batch 1 and 16: model.generate (its blocks compiled, as above)
+   against transformers' generate (left padding, do_sample=False), both with eos switched off so every
+   row runs the same number of tokens, in alternating rounds as above; "same tokens" is the share of rows
+   where both produced identical ids.
 4. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
    model copies it builds (trained model, frozen reference, gradients, AdamW state, activations).
 
