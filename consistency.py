@@ -171,7 +171,8 @@ def over_layers(w, c, kind, idx_w, idx_c, loss, select=gather):
 
 def masked_mean(x, valid):
     """Mean over each example's valid positions, then over examples: every pair weighs the same, and the
-    mean of equal-sized shards equals the mean of the whole batch (so DDP reproduces one process).
+    mean of equal-sized shards equals the mean of the whole batch (so data-parallel training reproduces
+    one process).
     x (..., B, N...) and valid (B, N...): leading axes (layers) are kept."""
     dims = tuple(range(1 - valid.dim(), 0))
     return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean(-1)

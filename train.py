@@ -6,7 +6,7 @@ held-out wrappers.
     python train.py --target act+bct:0.5 --threat sycophancy --lora-rank 8 --out runs/x
     python train.py --organism refusal --out runs/refusal # build a model organism (SFT, same path as BCT)
     python train.py --target bct --threat jailbreak --model runs/refusal
-    torchrun --nproc-per-node 2 train.py --target act      # DDP (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 2 train.py --target act      # data parallel (gloo on CPU, nccl on GPU)
     python train.py --target mlpct --resume               # continue an interrupted run exactly
 
 Every flag is a field of TrainConfig. The run folder gets config.json-style HF checkpoint files, run.json
@@ -138,6 +138,29 @@ class Run:
         t = torch.tensor([x], dtype=torch.float64)
         dist.all_reduce(t)
         return t.item() / self.world
+
+    def average_grads(self, params):
+        """Average the gradients over processes, in one all_reduce of all of them flattened. Done by hand
+        rather than with DDP, whose reducer expects a gradient for every parameter the forward's outputs
+        reach: MLPCT never reaches the last down_proj, ACT never the final norm, and compiled blocks make
+        every weight of a block look reached. A parameter no process has a gradient for keeps None, so
+        AdamW skips it as it does in one process."""
+        if not self.ddp:
+            return
+        dev = params[0].device
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        dist.all_reduce(has)
+        dist.all_reduce(flat)
+        for p, got, g in zip(params, has.tolist(), flat.split([p.numel() for p in params])):
+            if got:
+                p.grad = g.view_as(p) / self.world
+
+    def broadcast(self, params):
+        """Start every process from rank 0's parameters (LoRA's random init included)."""
+        if self.ddp:
+            for p in params:
+                dist.broadcast(p.data, 0)
 
 
 def generator(model, tok, run, desc, theta0=False):
@@ -286,9 +309,6 @@ def table(before, after):
 
 def train(cfg: TrainConfig):
     t0 = time.time()
-    if cfg.compile and "RANK" in os.environ:
-        raise ValueError("--compile under torchrun is not supported: DDP's gradient reduction fails through the "
-                         "compiled blocks; drop --compile or run a single process")
     run = Run()
     if cfg.organism and cfg.organism not in ORGANISM_THREAT:
         raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")
@@ -327,7 +347,7 @@ def train(cfg: TrainConfig):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr,
                             fused=True)  # one kernel over all parameters: ~6x faster than the default on CPU
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.ddp else model
+    run.broadcast(params)
     bf16 = use_bf16(cfg, run.device)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     threat = T.THREATS[cfg.threat]
@@ -361,9 +381,8 @@ def train(cfg: TrainConfig):
         logs, loss_sum = {}, 0.0
         for micro in range(cfg.grad_accum):
             batch = C.collate(sample_batch(cfg, step, micro, pairs, retain, run), tok.pad_id, cfg.full_sequence_loss).to(run.device)
-            sync = nullcontext() if not run.ddp or micro == cfg.grad_accum - 1 else ddp_model.no_sync()
-            with sync, autocast:
-                loss, logs = C.consistency_loss(ddp_model, reference, batch, targets, log_all=cfg.log_all)
+            with autocast:
+                loss, logs = C.consistency_loss(model, reference, batch, targets, log_all=cfg.log_all)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             tokens += batch.n_tokens
@@ -371,6 +390,7 @@ def train(cfg: TrainConfig):
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"loss is {loss_sum} at step {step}: stopped; the last good checkpoint is in "
                                      f"{cfg.out}/checkpoint (lower --lr or the target weight, then --resume)")
+        run.average_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         opt.step()
         opt.zero_grad(set_to_none=True)

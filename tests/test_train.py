@@ -1,5 +1,5 @@
-"""train.py on a tiny random model: exact resume, clear refusals of bad runs, NaN handling, and DDP under
-torchrun (gloo) against one process with the same global batch."""
+"""train.py on a tiny random model: exact resume, clear refusals of bad runs, NaN handling, and data parallel
+training under torchrun (gloo) against one process with the same global batch."""
 
 import dataclasses
 import json
@@ -95,12 +95,6 @@ def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("error: --compile failed (InvalidCxxCompiler"), res.stderr[-2000:]
 
 
-def test_compile_under_torchrun_is_refused(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("RANK", "0")  # what torchrun sets; refused before any process group starts
-    with pytest.raises(ValueError, match="--compile under torchrun is not supported"):
-        train.train(config(tiny_dir, tmp_path / "d", compile=True))
-
-
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "fresh", resume=True))
@@ -173,8 +167,12 @@ def test_lora_run_saves_a_plain_checkpoint_that_differs_from_base(tiny_dir, tmp_
 
 
 @pytest.mark.slow
-def test_two_process_gloo_matches_one_process(tiny_dir, tmp_path):
-    common = ["--target", "act", "--model", tiny_dir, "--n-train", "16", "--steps", "4", "--batch-size", "4",
+@pytest.mark.parametrize("extra", [["--target", "act"],  # the recipe: LoRA on the attention projections
+                                   # full fine-tuning: MLPCT never reaches the last down_proj nor the final norm
+                                   ["--target", "mlpct", "--lora-rank", "0"],
+                                   ["--target", "attct", "--lora-rank", "0", "--compile", "--grad-accum", "2"]])
+def test_two_process_gloo_matches_one_process(tiny_dir, tmp_path, extra):
+    common = [*extra, "--model", tiny_dir, "--n-train", "16", "--steps", "4", "--batch-size", "4",
               "--eval-n", "0", "--bf16", "off", "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
