@@ -311,6 +311,9 @@ class Transformer(nn.Module):
             raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): encode with this model's tokenizer")
         mask = None
         if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected ({B}, {past + T}): one "
+                                 f"entry per token, the cached ones included")
             am = attention_mask.bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             am = F.pad(am, (0, S - am.shape[1]))  # cache slots not written yet

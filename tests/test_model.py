@@ -225,6 +225,8 @@ def test_clear_errors(tiny, tmp_path):
         model(torch.zeros(1, 3, dtype=torch.long), capture=["blocks.0.hook_nope"])
     with pytest.raises(ValueError, match="out of range"):
         model(torch.tensor([[10_000]]))
+    with pytest.raises(ValueError, match=r"attention_mask is \(1, 2\), expected \(1, 3\)"):
+        model(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="do not fit a KV cache of 4"):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=KVCache(model.cfg, 1, 4, "cpu", torch.float32))
     with pytest.raises(FileNotFoundError, match="config.json"):
