@@ -42,6 +42,7 @@ weights for generation. Prints markdown tables and writes them with the machine'
 
 import copy
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -365,7 +366,8 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
 def regime_pairs(regime, tok, model, cfg):
     """The first `batch_size` real pairs of one sequence-length regime whose wrapper moves the content (so
     every target has a signal: train.py drops the others for mlpct/attct), aligned, with theta0's greedy
-    clean responses for BCT. The same pairs serve every target and implementation."""
+    clean responses for BCT (`for_targets` drops them for the other targets). The same pairs serve every
+    implementation."""
     if regime == "short":
         raw = T.THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=cfg.seed)
     elif regime == "long":
@@ -377,6 +379,14 @@ def regime_pairs(regime, tok, model, cfg):
         raise ValueError(f"only {len(chosen)} {regime} pairs move the content: use --batch-size {len(chosen)} or less")
     responses = chat_generate(model, tok, [p.clean for p, _ in chosen], max_new_tokens=cfg.response_tokens)
     return [C.align(tok, p, tok.encode(r) + [tok.eos_id]) for (p, _), r in zip(chosen, responses)]
+
+
+def for_targets(pairs, spec):
+    """The pairs as train.py trains `spec` on them: theta0's responses only where BCT reads them (without
+    BCT, train.py generates none, and the wrapped sequences end at the prompt)."""
+    if "bct" in [n for n, _ in C.parse_targets(spec)]:
+        return pairs
+    return [dataclasses.replace(p, response=[]) for p in pairs]
 
 
 # ----------------------------------------------------------------------------- generation
@@ -451,11 +461,12 @@ def run(cfg: BenchConfig):
         print(f"matmul peak {dtype}: {result['peak_flops'][dtype] / 1e9:.0f} GFLOP/s", flush=True)
 
     for regime in split(cfg.regimes):
-        pairs = regime_pairs(regime, tok, ours, cfg)
-        lengths = ([len(p.clean) for p in pairs], [len(p.wrapped) + len(p.response) for p in pairs])
-        n_tokens = C.collate(pairs, tok.pad_id).n_tokens
+        with_responses = regime_pairs(regime, tok, ours, cfg)
         for dtype in dtypes:
             for spec in split(cfg.targets):
+                pairs = for_targets(with_responses, spec)
+                lengths = ([len(p.clean) for p in pairs], [len(p.wrapped) + len(p.response) for p in pairs])
+                n_tokens = C.collate(pairs, tok.pad_id).n_tokens
                 row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs), "pair_tokens": n_tokens,
                        "mean_len": [statistics.mean(x) for x in lengths], "flops": step_flops(ours.cfg, pairs, spec)}
                 timed = alternating(lambda impl: build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr, device,

@@ -59,6 +59,17 @@ def test_step_flops_by_target():
     assert bench.step_flops(TINY, pairs, "act+bct") == fwd([3, 4], False) + 3 * fwd([7, 4], False) + head
 
 
+def test_pairs_carry_responses_only_for_bct():
+    """train.py generates theta0's responses only where BCT reads them, so the other targets' wrapped
+    sequences end at the prompt and their FLOPs count no response tokens."""
+    pairs = [aligned(3, 5, 2), aligned(4, 4, 0)]
+    assert bench.for_targets(pairs, "act+bct:0.5") == pairs
+    for spec in ("act", "mlpct+attct"):
+        stripped = bench.for_targets(pairs, spec)
+        assert [p.response for p in stripped] == [[], []] and [p.wrapped for p in stripped] == [p.wrapped for p in pairs]
+        assert bench.step_flops(TINY, stripped, spec) < bench.step_flops(TINY, pairs, spec)
+
+
 def test_timeit_excludes_warmup_and_takes_the_median():
     calls = []
 
