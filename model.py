@@ -331,7 +331,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         cache = {}
-        slots = torch.arange(past, past + T, device=idx.device)
+        slots = torch.arange(past, past + T, device=idx.device) if kv_cache is not None else None
         for l, block in enumerate(self.model.layers):
             name = f"blocks.{l}."
             kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None

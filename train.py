@@ -68,8 +68,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str = ""           # comma list of projections; empty: the recipe's
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
-    compile: bool = False            # torch.compile the blocks: ~1.3x faster steps; first compile ~30 s, then cached;
-                                     # one process only (not under torchrun)
+    compile: bool = False            # torch.compile the blocks: ~1.3x faster steps; first compile ~30 s, then cached
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
     anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
                                      # anchoring theta's clean run to theta0's (the targets only constrain w(x))
