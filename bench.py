@@ -61,7 +61,7 @@ import torch.nn.functional as F
 import consistency as C
 import threats as T
 from model import EMBEDDED, bf16_linears, chat_generate, load_model, save_model
-from train import cli
+from train import cli, clip_grads
 
 IMPLS = ("ours", "hf", "hf-b1")
 # the targets: training >= 2x hf-b1 and >= 1.2x hf, bf16 MFU >= 40%, generation at batch 16 >= 1.5x
@@ -318,7 +318,7 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
     needs_reference = any(C.TARGETS[n].reference for n in names)
 
     def update():
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grads(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -123,10 +123,49 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
     assert all(torch.isfinite(v).all() for v in state["trainable"].values())
 
 
+def test_nan_gradient_under_a_finite_loss_stops_before_the_update(tiny_dir, tmp_path, monkeypatch):
+    real = C.consistency_loss
+    calls = {"n": 0}
+
+    def nan_grad(*a, **k):
+        calls["n"] += 1
+        loss, logs = real(*a, **k)
+        # sqrt at 0 adds 0 to the loss and inf * 0 = nan to its gradient
+        return (loss + torch.sqrt(loss * 0) if calls["n"] == 5 else loss), logs
+
+    monkeypatch.setattr(C, "consistency_loss", nan_grad)
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at step 4"):
+        train.train(config(tiny_dir, tmp_path / "g"))
+    state = torch.load(tmp_path / "g" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(4))]
+    for p in params[:3]:  # the last one has no gradient, as a parameter the loss does not reach
+        p.grad = torch.randn_like(p)
+    ref = [p.grad.clone() for p in params[:3]]
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params[:3]]
+    for p, g in zip(ref_params, ref):
+        p.grad = g
+    expected = torch.nn.utils.clip_grad_norm_(ref_params, max_norm).item()
+    assert train.clip_grads(params, max_norm) == pytest.approx(expected, rel=1e-6)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, r.grad)
+    assert params[3].grad is None
+    grads = [p.grad.clone() for p in params[:3]]
+    assert train.clip_grads(params, 0.0) == pytest.approx(min(expected, max_norm), rel=1e-5)  # 0: never clips
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
 @pytest.mark.parametrize("kw,msg", [(dict(target="nope"), "unknown target"), (dict(threat="nope"), "unknown threat"),
                                     (dict(target="act:-2"), "positive"), (dict(organism="nope"), "unknown organism"),
                                     (dict(batch_size=3, grad_accum=2), "must divide"), (dict(bf16="maybe"), "auto, on or off"),
-                                    (dict(lr=-1.0), "positive lr")])
+                                    (dict(lr=-1.0), "positive lr"), (dict(grad_clip=-1.0), "0 for no clipping")])
 def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg) as e:
         train.train(config(tiny_dir, tmp_path / "bad", **kw))
