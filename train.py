@@ -399,14 +399,12 @@ def train(cfg: TrainConfig):
             loss_sum += loss.item() / cfg.grad_accum
             tokens += batch.n_tokens
         loss_sum = run.mean(loss_sum)
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum} at step {step}: stopped; the last good checkpoint is in "
-                                     f"{cfg.out}/checkpoint (lower --lr or the target weight, then --resume)")
         run.average_grads(params)
         grad_norm = clip_grads(params, cfg.grad_clip)
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"gradient norm is {grad_norm} at step {step}: stopped before the update; the last "
-                                     f"good checkpoint is in {cfg.out}/checkpoint (lower --lr, then --resume)")
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopped before "
+                                     f"the update; the last good checkpoint is in {cfg.out}/checkpoint (lower --lr or "
+                                     f"the target weight, then --resume)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1 - start
