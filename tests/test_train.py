@@ -135,10 +135,9 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
     params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(4))]
     for p in params[:3]:  # the last one has no gradient, as a parameter the loss does not reach
         p.grad = torch.randn_like(p)
-    ref = [p.grad.clone() for p in params[:3]]
     ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params[:3]]
-    for p, g in zip(ref_params, ref):
-        p.grad = g
+    for r, p in zip(ref_params, params):
+        r.grad = p.grad.clone()
     expected = torch.nn.utils.clip_grad_norm_(ref_params, max_norm).item()
     assert train.clip_grads(params, max_norm) == pytest.approx(expected, rel=1e-6)
     for p, r in zip(params, ref_params):
