@@ -61,7 +61,7 @@ import torch.nn.functional as F
 import consistency as C
 import threats as T
 from model import EMBEDDED, bf16_linears, chat_generate, load_model, save_model
-from train import cli, clip_grads
+from train import check_ranges, cli, clip_grads
 
 IMPLS = ("ours", "hf", "hf-b1")
 # the targets: training >= 2x hf-b1 and >= 1.2x hf, bf16 MFU >= 40%, generation at batch 16 >= 1.5x
@@ -91,6 +91,12 @@ class BenchConfig:
     threads: int = 0                      # torch CPU threads; 0: torch's default (one per core)
     seed: int = 0
     out: str = "bench.json"
+
+
+# every numeric flag's allowed range, both ends included (None: no upper bound)
+BENCH_RANGES = {"batch_size": (1, None), "warmup": (0, None), "steps": (1, None), "rounds": (1, None),
+                "response_tokens": (1, None), "lr": (0, None), "gen_tokens": (1, None), "peak_n": (0, None),
+                "threads": (0, None)}
 
 
 # ----------------------------------------------------------------------------- helpers (tested)
@@ -443,6 +449,7 @@ def run(cfg: BenchConfig):
             raise ValueError(f"--{name} {','.join(bad)}: choose from {','.join(allowed)}")
     for spec in split(cfg.targets):
         C.parse_targets(spec)
+    check_ranges(cfg, BENCH_RANGES)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

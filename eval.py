@@ -51,7 +51,7 @@ from tqdm import tqdm
 import consistency as C
 import threats as T
 from model import EMBEDDED, chat_generate, load_model
-from train import cli
+from train import check_ranges, cli
 
 
 @dataclass
@@ -73,6 +73,11 @@ class EvalConfig:
     threads: int = 0                 # torch.set_num_threads (0: torch's default)
     gen_dtype: str = "fp32"          # weights for generation: fp32 | bf16 (~1.6x faster on CPUs with native bf16;
                                      # greedy answers can differ on near-ties; perplexity and mechanism stay fp32)
+
+
+# every numeric flag's allowed range, both ends included (None: no upper bound)
+EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, None), "boot": (1, None),
+               "ppl_lines": (0, None), "mech_n": (1, None), "mech_batch": (1, None), "threads": (0, None)}
 
 
 # the number a threat is summarised by (matrix, bars): each is "lower is better" for a consistency-trained model
@@ -435,6 +440,7 @@ def run(cfg: EvalConfig):
     t0 = time.time()
     if cfg.ckpt and cfg.matrix:
         raise ValueError("pass either --ckpt DIR or --matrix DIR [DIR ...], not both")
+    check_ranges(cfg, EVAL_RANGES)
     spec = parse_threats(cfg.threats)
     rows = rows_from(cfg)
     cfg.out = cfg.out or (os.path.join(cfg.ckpt, "eval") if cfg.ckpt else os.path.join("runs", "matrix"))

@@ -365,6 +365,8 @@ class Transformer(nn.Module):
         of each row, eos excluded."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens}: ask for at least 1 new token")
         device = self.lm_head.weight.device
         eos_id = self.cfg.eos_token_id if eos_id is None else eos_id
         longest = max(map(len, prompts))
@@ -660,10 +662,10 @@ def main():
     args = p.parse_args()
     try:
         model, tok = load_model(args.model)
+        ids = tok.render([{"role": "user", "content": args.prompt}])
+        print(tok.decode(model.generate([ids], args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    ids = tok.render([{"role": "user", "content": args.prompt}])
-    print(tok.decode(model.generate([ids], args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@
 # Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
 # N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16), GEN_DTYPE (bf16),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
-# flags for every train.py / the eval.py call). A run whose run.json exists is skipped, so rerunning the script
-# resumes an interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
+# flags for every train.py / the eval.py call). A run whose run.json exists is skipped and one with a checkpoint
+# continues (--resume), so rerunning the script resumes an interrupted study. Logs: OUT/logs/. Report:
+# OUT/report/results.md (+ matrix.png, mechanism_*.png).
 # Parallelism: JOBS (2) train.py runs at once with THREADS (nproc / JOBS) threads each; eval.py uses every core.
 # Wall time: the script measures itself and appends the total to the report (OUT/report/results.md).
 #   QUICK=1 with a tiny random model (tests/conftest.py), 2 shared CPU cores: 8 min (training 4, evaluation 4).
@@ -58,7 +59,8 @@ train() {  # train NAME FLAGS...: one train.py run into OUT/NAME in the backgrou
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done   # a failed run (exit 1) stops the study here
     (
         t0=$SECONDS
-        if ! OMP_NUM_THREADS=$THREADS python train.py "$@" --out "$dir" > "$log" 2>&1; then
+        resume=(); [[ -f $dir/checkpoint/train_state.pt ]] && resume=(--resume)   # interrupted: continue it
+        if ! OMP_NUM_THREADS=$THREADS python train.py "$@" --out "$dir" "${resume[@]}" > "$log" 2>&1; then
             echo "  $name: FAILED"; tail -5 "$log"; exit 1
         fi
         echo "  $name: $((SECONDS - t0)) s"

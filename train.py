@@ -12,6 +12,8 @@ held-out wrappers.
 Every flag is a field of TrainConfig. The run folder gets config.json-style HF checkpoint files, run.json
 (the resolved config, before/after metrics, wall time), results.md (the table), log.jsonl (one line per
 step) and checkpoint/ (weights + optimizer + step, written atomically, removed once the run finishes).
+A folder that already holds a run, finished or interrupted, is refused unless --resume or --overwrite says
+what to do with it.
 """
 
 import argparse
@@ -78,7 +80,15 @@ class TrainConfig:
     log_all: bool = False            # log all four losses every step (cross-objective logging)
     save_every: int = 20
     seed: int = 0
-    resume: bool = False
+    resume: bool = False             # continue the interrupted run in --out
+    overwrite: bool = False          # start over in an --out that holds a run (its log and checkpoint are replaced)
+
+
+# every numeric flag's allowed range, both ends included (None: no upper bound)
+TRAIN_RANGES = {"n_train": (1, None), "steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None),
+                "lr": (0, None), "warmup": (0, None), "min_lr_frac": (0, 1), "weight_decay": (0, None),
+                "grad_clip": (0, None), "lora_rank": (-1, None), "lora_alpha": (0, None), "retain_frac": (0, 1),
+                "anchor_frac": (0, 1), "response_tokens": (1, None), "eval_n": (0, None), "save_every": (1, None)}
 
 
 def cli(cls):
@@ -92,6 +102,29 @@ def cli(cls):
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
     return cls(**vars(p.parse_args()))
+
+
+def check_ranges(cfg, ranges):
+    """A one-line error naming the first numeric flag outside its range; ranges: {field: (lowest, highest)}."""
+    for name, (lo, hi) in ranges.items():
+        value = getattr(cfg, name)
+        if value < lo or (hi is not None and value > hi):
+            allowed = f"from {lo} to {hi}" if hi is not None else f"of {lo} or more"
+            raise ValueError(f"--{name.replace('_', '-')} {value}: use a value {allowed}")
+
+
+def check_out(cfg):
+    """Refuse to start a run over the work in --out unless told what to do with it: losing a finished or
+    interrupted run to a rerun with the same default folder is the mistake this prevents."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
+    if cfg.resume or cfg.overwrite:
+        return
+    if os.path.exists(os.path.join(cfg.out, "checkpoint", "train_state.pt")):
+        raise ValueError(f"{cfg.out} holds an interrupted run: pass --resume to continue it, --overwrite to start "
+                         f"over, or another --out")
+    if os.path.exists(os.path.join(cfg.out, "run.json")):
+        raise ValueError(f"{cfg.out} holds a finished run: pass --overwrite to replace it, or another --out")
 
 
 def lr_at(cfg, step):
@@ -247,7 +280,7 @@ def training_pairs(cfg, tok, gen, targets, run):
     n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
     retain_msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:n_retain]]
     prompts = [p.clean for p in pairs] + retain_msgs
-    key = {"prompts": prompts, "response_tokens": cfg.response_tokens}
+    key = {"model": cfg.model, "prompts": prompts, "response_tokens": cfg.response_tokens}
     cache = os.path.join(cfg.out, "responses.json")
     saved = json.load(open(cache)) if os.path.exists(cache) else {}
     if isinstance(saved, dict) and saved.get("key") == key:  # a cache made for other prompts is regenerated
@@ -294,8 +327,8 @@ def load_checkpoint(cfg, model, opt):
         raise ValueError(f"--resume: no checkpoint in {path}: start without --resume")
     saved = json.load(open(os.path.join(path, "train_config.json")))
     mine = dataclasses.asdict(cfg)
-    # compiling changes how the steps run, not what they compute
-    diff = [k for k in mine if k not in ("resume", "compile") and saved.get(k) != mine[k]]
+    # compiling changes how the steps run, not what they compute; resume/overwrite say how this run started
+    diff = [k for k in mine if k not in ("resume", "overwrite", "compile") and saved.get(k) != mine[k]]
     if diff:
         raise ValueError(f"--resume: {path} was written with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
                          f"rerun with the same flags or a new --out")
@@ -327,8 +360,7 @@ def train(cfg: TrainConfig):
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
     targets = C.parse_targets(cfg.target)
-    if cfg.lr < 0 or cfg.lora_rank < -1:
-        raise ValueError(f"--lr {cfg.lr} / --lora-rank {cfg.lora_rank}: use a positive lr and a rank >= 0 (or leave them unset)")
+    check_ranges(cfg, TRAIN_RANGES)
     lr, rank, lora_targets = RECIPES["organism" if cfg.organism else targets[0][0]]
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
@@ -336,11 +368,10 @@ def train(cfg: TrainConfig):
         cfg.anchor_frac = 0.0  # bct mixes in retain data instead
     else:
         cfg.retain_frac = 0.0  # retain data only matters to the SFT term
-    if cfg.grad_clip < 0:
-        raise ValueError(f"--grad-clip {cfg.grad_clip}: use a positive norm, or 0 for no clipping")
     if cfg.batch_size % (run.world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {run.world} processes x {cfg.grad_accum} micro-batches")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
+    check_out(cfg)
     torch.manual_seed(cfg.seed)
 
     model, tok = load_model(cfg.model)
@@ -365,6 +396,8 @@ def train(cfg: TrainConfig):
     threat = T.THREATS[cfg.threat]
 
     start = load_checkpoint(cfg, model, opt) if cfg.resume else 0
+    if cfg.overwrite and run.main:  # or a later --resume would pick up the replaced run's state
+        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
     os.makedirs(cfg.out, exist_ok=True)
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
@@ -384,7 +417,8 @@ def train(cfg: TrainConfig):
         if not cfg.lora_rank:  # with LoRA, theta0 is the same model
             frozen.compile_blocks()
 
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if run.main else None
+    # a resumed run adds to its log (the steps past the checkpoint show twice, as they ran); a new one starts it
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if run.main else None
     ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)
     t_last, tokens = time.time(), 0
     for step in bar:

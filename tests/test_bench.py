@@ -70,6 +70,11 @@ def test_pairs_carry_responses_only_for_bct():
         assert bench.step_flops(TINY, stripped, spec) < bench.step_flops(TINY, pairs, spec)
 
 
+def test_bad_numeric_flags_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="--steps 0: use a value of 1 or more"):
+        bench.run(bench.BenchConfig(steps=0))
+
+
 def test_timeit_excludes_warmup_and_takes_the_median():
     calls = []
 

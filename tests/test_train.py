@@ -152,11 +152,33 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
 @pytest.mark.parametrize("kw,msg", [(dict(target="nope"), "unknown target"), (dict(threat="nope"), "unknown threat"),
                                     (dict(target="act:-2"), "positive"), (dict(organism="nope"), "unknown organism"),
                                     (dict(batch_size=3, grad_accum=2), "must divide"), (dict(bf16="maybe"), "auto, on or off"),
-                                    (dict(lr=-1.0), "positive lr"), (dict(grad_clip=-1.0), "0 for no clipping")])
+                                    (dict(lr=-1.0), "--lr -1.0: use a value of 0 or more"),
+                                    (dict(grad_clip=-1.0), "--grad-clip -1.0: use a value of 0 or more"),
+                                    (dict(steps=0), "--steps 0: use a value of 1 or more"),
+                                    (dict(batch_size=0), "--batch-size 0: use a value of 1 or more"),
+                                    (dict(retain_frac=1.5), "--retain-frac 1.5: use a value from 0 to 1"),
+                                    (dict(resume=True, overwrite=True), "pass one of them")])
 def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg) as e:
         train.train(config(tiny_dir, tmp_path / "bad", **kw))
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+def test_a_folder_holding_a_run_is_not_started_over(tiny_dir, tmp_path, monkeypatch):
+    """A rerun into the folder of a finished or an interrupted run is refused before it touches anything,
+    naming the flag for what to do; --overwrite starts over with a log of its own steps only."""
+    out = tmp_path / "done"
+    train.train(config(tiny_dir, out, steps=2))
+    files = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    with pytest.raises(ValueError, match="holds a finished run: pass --overwrite"):
+        train.train(config(tiny_dir, out, steps=2))
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == files
+    train.train(config(tiny_dir, out, steps=3, overwrite=True))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [0, 1, 2]
+    interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match="holds an interrupted run: pass --resume"):
+        train.train(config(tiny_dir, tmp_path / "cut"))
 
 
 def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
@@ -169,9 +191,25 @@ def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
 def test_bct_response_cache_is_regenerated_for_other_prompts(tiny_dir, tmp_path):
     out = tmp_path / "bct"
     for n in (8, 12):
-        train.train(config(tiny_dir, out, target="bct", n_train=n, steps=1, response_tokens=4, retain_frac=0.0))
+        train.train(config(tiny_dir, out, target="bct", n_train=n, steps=1, response_tokens=4, retain_frac=0.0,
+                           overwrite=True))
         saved = json.load(open(out / "responses.json"))
         assert len(saved["texts"]) == len(saved["key"]["prompts"]) == n
+
+
+def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path, monkeypatch):
+    """Same prompts, another model (a rerun with --overwrite and a new --model): theta0's responses are generated
+    again, not read from the cache the old model left; the same model again reads them from the cache."""
+    other = tmp_path / "other"
+    write_tiny_hf(other, "llama", tied=True, seed=1)
+    calls, real = [], train.chat_generate
+    monkeypatch.setattr(train, "chat_generate", lambda *a, **k: calls.append(1) or real(*a, **k))  # counts, then runs
+    generated = []
+    for model in (tiny_dir, str(other), str(other)):
+        train.train(config(model, tmp_path / "bct", target="bct", n_train=8, steps=1, response_tokens=4,
+                           retain_frac=0.0, overwrite=True))
+        generated.append(len(calls))
+    assert generated == [1, 2, 2]
 
 
 def test_cli_builds_config_from_fields(monkeypatch):
