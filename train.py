@@ -283,7 +283,7 @@ def training_pairs(cfg, tok, gen, targets, run):
     key = {"model": cfg.model, "prompts": prompts, "response_tokens": cfg.response_tokens}
     cache = os.path.join(cfg.out, "responses.json")
     saved = json.load(open(cache)) if os.path.exists(cache) else {}
-    if isinstance(saved, dict) and saved.get("key") == key:  # a cache made for other prompts is regenerated
+    if isinstance(saved, dict) and saved.get("key") == key:  # one made for another model or prompts is regenerated
         texts = saved["texts"]
     else:
         texts = gen(prompts, max_new_tokens=cfg.response_tokens)
