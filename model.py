@@ -428,6 +428,10 @@ class LoRALinear(nn.Linear):
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
         return y
 
+    def merged_weight(self):
+        """The weight with the update folded in: a plain Linear with it computes what this module does."""
+        return self.weight + (self.lora_B @ self.lora_A) * self.lora_scale
+
 
 def bf16_linears(model: Transformer) -> Transformer:
     """Store the blocks' Linear weights in bf16, in place: exactly what a bf16 autocast casts them to on every
@@ -481,7 +485,7 @@ class lora_disabled:
 def merge_lora(model: Transformer) -> Transformer:
     """Fold every adapter into its weight and turn the module back into a plain nn.Linear."""
     for m in lora_modules(model):
-        m.weight += (m.lora_B @ m.lora_A) * m.lora_scale
+        m.weight.copy_(m.merged_weight())
         del m.lora_A, m.lora_B
         m.__class__ = nn.Linear
     return model
@@ -627,7 +631,7 @@ def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None
     with torch.no_grad():  # adapters are saved folded in, so the folder is a plain HF checkpoint
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):
-                state[name + ".weight"] = (m.weight + (m.lora_B @ m.lora_A) * m.lora_scale).contiguous()
+                state[name + ".weight"] = m.merged_weight().contiguous()
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_tiny_hf
-from model import KVCache, add_lora, bf16_linears, load_model, save_model
+from model import KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
 
@@ -80,6 +80,26 @@ def test_lora_on_lm_head_is_refused(tiny):
     model, _, _ = tiny
     with pytest.raises(ValueError, match="LoRA on lm_head is not supported"):
         add_lora(copy.deepcopy(model), 4, 8, ("lm_head",))
+
+
+def test_lora_merged_and_saved_compute_what_the_adapters_do(tiny, tmp_path):
+    """merge_lora and save_model fold B @ A * scale into the weight; the adapted model adds it per forward."""
+    model, tok, _ = tiny
+    adapted = copy.deepcopy(model)
+    add_lora(adapted, 4, 8, ("q_proj", "v_proj", "down_proj"))
+    with torch.no_grad():
+        for m in adapted.modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_()  # B starts at 0, where merging is trivially exact
+    ids = torch.randint(0, 258, (2, 9))
+    save_model(adapted, tok, str(tmp_path / "saved"))
+    with torch.no_grad():
+        want = adapted(ids).logits
+        merged = merge_lora(copy.deepcopy(adapted))
+        assert not torch.allclose(model(ids).logits, want, atol=1e-3)
+        assert torch.allclose(merged(ids).logits, want, atol=1e-5)
+        assert torch.allclose(load_model(str(tmp_path / "saved"))[0](ids).logits, want, atol=1e-5)
+    assert not [k for k in merged.state_dict() if ".lora_" in k]
 
 
 def test_capture_changes_no_logits_and_detaches_nothing(tiny):
