@@ -207,6 +207,20 @@ def test_save_load_roundtrip_and_transformers_opens_it(tiny, tmp_path):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+def test_chat_generate_returns_each_reply_in_the_callers_order(embedded):
+    """Batched by length and regrouped: every reply equals that prompt generated alone, prefill included."""
+    from model import chat_generate
+    model, tok = embedded
+    questions = ["What is the capital of France?", "Name a primary colour.",
+                 "In one word, what do bees make? Answer with just the word and nothing else.", "What is 2 + 2?"]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    prefills = ["", "Sure:", "", "The answer is"]
+    replies = chat_generate(model, tok, prompts, prefills, max_new_tokens=6, batch_size=3)
+    for m, prefill, reply in zip(prompts, prefills, replies):
+        alone = model.generate([tok.encode(tok.render_text(m) + prefill)], 6, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        assert reply == tok.decode(alone[0])
+
+
 def test_embedded_save_load_roundtrip(embedded, tmp_path):
     model, tok = embedded
     save_model(model, tok, str(tmp_path / "m"))
