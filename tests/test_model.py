@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import write_tiny_hf
+from conftest import write_byte_tokenizer, write_tiny_hf
 from model import KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
@@ -249,6 +249,19 @@ def test_hub_repo_id_loads_through_snapshot_download(tiny, tmp_path, monkeypatch
     ids = torch.randint(0, 258, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_sharded_checkpoint_loads_like_one_file(tmp_path):
+    """Hub checkpoints of larger models come in shards (model-0000k-of-0000n.safetensors plus an index)."""
+    ref = write_tiny_hf(tmp_path / "whole", "qwen2", tied=False)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    write_byte_tokenizer(tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    ids = torch.randint(0, 258, (1, 7))
+    with torch.no_grad():
+        whole, sharded = (load_model(str(tmp_path / d))[0](ids).logits for d in ("whole", "sharded"))
+        assert torch.equal(sharded, whole)
+        assert torch.allclose(whole, ref(ids).logits, atol=1e-5)
 
 
 def test_clear_errors(tiny, tmp_path):

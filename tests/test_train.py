@@ -212,6 +212,14 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     assert generated == [1, 2, 2]
 
 
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    cfg = train.TrainConfig(lr=1e-3, warmup=4, steps=44, min_lr_frac=0.1)
+    lrs = [train.lr_at(cfg, s) for s in range(cfg.steps)]
+    assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])  # (step + 1) / warmup, then the peak
+    assert lrs[24] == pytest.approx(1e-3 * (0.1 + 0.9 / 2))                # halfway down the cosine
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 1e-4  # falls towards, not below, the floor
+
+
 def test_cli_builds_config_from_fields(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--target", "act+bct:0.5", "--lora-rank", "8", "--log-all"])
     cfg = train.cli(train.TrainConfig)
