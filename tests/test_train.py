@@ -1,19 +1,22 @@
 """train.py on a tiny random model: exact resume, clear refusals of bad runs, NaN handling, and data parallel
 training under torchrun (gloo) against one process with the same global batch."""
 
-import dataclasses
+import copy
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import consistency as C
+import threats as T
 import train
 from conftest import write_tiny_hf
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -220,6 +223,28 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 1e-4  # falls towards, not below, the floor
 
 
+def test_batches_mix_in_their_share_of_retain_pairs_and_repeat_exactly():
+    pairs, retain = [("pair", i) for i in range(50)], [("retain", i) for i in range(50)]
+    cfg = train.TrainConfig(batch_size=8, retain_frac=0.25, seed=3)
+    one = SimpleNamespace(rank=0, world=1)  # sample_batch reads only these two of a train.Run
+    batch = train.sample_batch(cfg, 7, 0, pairs, retain, one)
+    assert [kind for kind, _ in batch].count("retain") == 2 and len(batch) == 8
+    assert train.sample_batch(cfg, 7, 0, pairs, retain, one) == batch        # a resumed run sees the same batch
+    assert train.sample_batch(cfg, 8, 0, pairs, retain, one) != batch
+    ranks = [SimpleNamespace(rank=r, world=2) for r in range(2)]  # data parallel: the ranks split the batch
+    assert sorted(sum((train.sample_batch(cfg, 7, 0, pairs, retain, r) for r in ranks), [])) == sorted(batch)
+
+
+def test_anchor_pairs_carry_zero_loss_at_theta0(tiny_dir):
+    """Anchors pair a clean prompt with itself: nothing to learn until theta's clean run drifts from theta0's."""
+    model, tok = load_model(tiny_dir)
+    pairs = T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=4, seed=0)
+    batch = C.collate(train.anchors(tok, pairs, train.TrainConfig(anchor_frac=0.5)), tok.pad_id)
+    for target in ("act", "mlpct"):
+        loss, _ = C.consistency_loss(model, copy.deepcopy(model), batch, [(target, 1.0)])
+        assert loss.item() == 0.0, target
+
+
 def test_cli_builds_config_from_fields(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--target", "act+bct:0.5", "--lora-rank", "8", "--log-all"])
     cfg = train.cli(train.TrainConfig)
@@ -227,7 +252,6 @@ def test_cli_builds_config_from_fields(monkeypatch):
 
 
 def test_lora_run_saves_a_plain_checkpoint_that_differs_from_base(tiny_dir, tmp_path):
-    from model import load_model
     train.train(config(tiny_dir, tmp_path / "lora", lora_rank=4, lora_targets="q_proj,v_proj", steps=3, lr=1e-2))
     trained, _ = load_model(str(tmp_path / "lora"))
     base, _ = load_model(tiny_dir)
