@@ -1142,11 +1142,11 @@ class FrustrationThreat(Threat):
         msgs = [frustration_messages(it["task"], fams[f][1], [], []) for it, f in zip(items, names)]
         turns = [[] for _ in items]
         for t in range(t_max + 1):
-            if t:
-                msgs = [m + [assistant(o), user(r[t - 1])] for m, o, r in zip(msgs, outs, rejections)]
             outs = _generate(generate, msgs, max_new_tokens=self.max_new_tokens)
             for rec, o in zip(turns, outs):
                 rec.append({"T": t, "text": o, **{k: bool(v) for k, v in self.judge(o).items()}})
+            if t < t_max:  # the model's own answer is rejected, and it answers again
+                msgs = [m + [assistant(o), user(r[t])] for m, o, r in zip(msgs, outs, rejections)]
         records = [{"id": it["id"], "family": f, "escape_offered": bool(fams[f][1]), "turns": tr}
                    for it, f, tr in zip(items, names, turns)]
         return {"metrics": self.metrics(records), "records": records}
