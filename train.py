@@ -402,14 +402,14 @@ def train(cfg: TrainConfig):
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
     theta0 = model if cfg.lora_rank else frozen
-    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True)) if run.main else {}
-    if before:
-        run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
     pairs, retain = training_pairs(cfg, tok, generator(theta0, tok, run, "theta0 responses", theta0=True), targets, run)
     trimmed = sum(p.trimmed for p in pairs)
     run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE boundaries; "
               f"targets {targets}; bf16 autocast {'on' if bf16 else 'off'}; {'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
-    C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
+    C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))  # before the minutes of the measurement
+    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True)) if run.main else {}
+    if before:
+        run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
     if bf16 and not cfg.lora_rank:  # theta0's generation is done: from here it only runs under autocast
         bf16_linears(frozen)
     if cfg.compile:
