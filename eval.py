@@ -31,6 +31,9 @@ Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix; checkp
     matrix.png     (--matrix) heatmap of changes, train threat/target by eval threat, numbers in cells
     mechanism*.png per-layer curves of each loss for the base and each checkpoint (one figure per train threat)
     records/       every judged answer, one JSONL per model and threat
+    answers/       every generated answer as it comes, one JSONL per model: rerun the same command after an
+                   interruption and it reads them back instead of generating them again (the file of another
+                   model, weights, --gen-dtype or --batch-size is started afresh)
 """
 
 import copy
@@ -50,7 +53,7 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, chat_generate, load_model
+from model import EMBEDDED, chat_generate, load_model, model_stamp, write_atomic
 from train import check_ranges, cli
 
 
@@ -155,11 +158,32 @@ def score(metrics_fn, records, n_boot, seed):
 class Generator:
     """The threats' `generate` callable for one model: batched, KV-cached greedy generation through
     chat_generate, answers capped at max_new_tokens, and memoised, so a prompt asked twice (clean items
-    shared by a threat and the capability pass) is generated once. It advances the shared progress bar."""
+    shared by a threat and the capability pass) is generated once. It advances the shared progress bar.
+    With a `path`, every answer is also appended there as it comes, under a first line naming the model
+    (`stamp`) and the settings that shape its answers: a rerun after an interruption reads them back
+    instead of generating them again (a file for another model or settings is started afresh)."""
 
-    def __init__(self, model, tok, cfg, bar=None):
-        self.tok, self.cfg, self.bar, self.cache = tok, cfg, bar, {}
+    def __init__(self, model, tok, cfg, bar=None, path=None, stamp=None):
+        self.tok, self.cfg, self.bar, self.cache, self.file = tok, cfg, bar, {}, None
         self.model = copy.deepcopy(model).to(torch.bfloat16) if cfg.gen_dtype == "bf16" else model
+        if path:
+            head = json.dumps({"model": stamp, "gen_dtype": cfg.gen_dtype, "batch_size": cfg.batch_size})
+            lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
+            if lines[:1] == [head]:
+                for line in lines[1:]:
+                    try:
+                        key, answer = json.loads(line)
+                    except json.JSONDecodeError:  # the line an interruption cut short
+                        break
+                    self.cache[tuple(key)] = answer
+            kept = [head] + [json.dumps([list(k), a]) for k, a in self.cache.items()]
+
+            def write(tmp):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(line + "\n" for line in kept)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomic(path, write)  # the answers read back, without a cut line or another model's
+            self.file = open(path, "a", encoding="utf-8")
 
     def __call__(self, prompts, prefills=None, max_new_tokens=48):
         tokens = min(max_new_tokens, self.cfg.max_new_tokens)
@@ -171,6 +195,9 @@ class Generator:
                                 batch_size=self.cfg.batch_size,
                                 progress=None if self.bar is None else Scaled(self.bar, ANSWER_UNIT))
             self.cache.update(zip(todo, new))
+            if self.file:
+                self.file.writelines(json.dumps([list(k), a]) + "\n" for k, a in zip(todo, new))
+                self.file.flush()
         if self.bar is not None:  # chat_generate advanced it by the new answers; the rest came from the cache
             self.bar.update(ANSWER_UNIT * (len(prompts) - len(todo)))
         return [self.cache[k] for k in keys]
@@ -389,9 +416,11 @@ def save_records(out, label, name, records):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def evaluate_model(model, tok, label, threats, cfg, bar):
-    """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its generate)."""
-    gen = Generator(model, tok, cfg, bar)
+def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
+    """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its generate).
+    Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped."""
+    gen = Generator(model, tok, cfg, bar, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"),
+                    model_stamp(name_or_path))
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
     for name in threats:
         bar.set_description(f"{label}: {name}")
@@ -463,7 +492,8 @@ def run(cfg: EvalConfig):
         while base_label in result["models"]:   # two bases with one folder name
             base_label += "'"
         base, tok = load_model(base_name)
-        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, threats_for(spec, base_name), cfg, bar)
+        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name, threats_for(spec, base_name),
+                                                       cfg, bar)
         result["models"][base_label] = {"path": base_name, **base_res}
         aligned, mech = {}, {}   # per train threat: the held-out pairs, and the mechanism entry they fill
         for t in dict.fromkeys(r.train_threat for r in mine) if cfg.mechanism else ():
@@ -474,7 +504,7 @@ def run(cfg: EvalConfig):
                 "pairs": len(aligned[t]), "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch, bar)}}
         for r in mine:
             model, _ = load_model(r.path)
-            res, recs, _ = evaluate_model(model, tok, r.label, threats_for(spec, base_name), cfg, bar)
+            res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg, bar)
             result["models"][r.label] = {"path": r.path, **res}
             result["rows"].append({"label": r.label, "path": r.path, "base": base_label, "train_threat": r.train_threat,
                                    "evaluated": list(res["threats"]), "changes": changes(base_recs, recs, cfg)})

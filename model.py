@@ -621,6 +621,13 @@ def download(repo_id: str) -> str:
                          f"the network, or pass a local folder") from None
 
 
+def model_stamp(name_or_path: str) -> list:
+    """What a cache of a model's outputs is valid for: its name and its weights' modification time (a run
+    folder trained again gets new weights under the same name)."""
+    weights = os.path.join(name_or_path, "model.safetensors")
+    return [name_or_path, os.path.getmtime(weights) if os.path.exists(weights) else 0]
+
+
 def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None = None):
     """Write an HF-format folder (model.safetensors, config.json, tokenizer files) plus `extra` files
     (name -> dict for .json, anything else torch.save'd). Each file is written under a temp name and

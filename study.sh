@@ -18,8 +18,8 @@
 # N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16), GEN_DTYPE (bf16),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped and one with a checkpoint
-# continues (--resume), so rerunning the script resumes an interrupted study. Logs: OUT/logs/. Report:
-# OUT/report/results.md (+ matrix.png, mechanism_*.png).
+# continues (--resume), and eval.py reads back the answers it has generated, so rerunning the script resumes an
+# interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
 # Parallelism: JOBS (2) train.py runs at once with THREADS (nproc / JOBS) threads each; eval.py uses every core.
 # Wall time: the script measures itself and appends the total to the report (OUT/report/results.md).
 #   QUICK=1 with a tiny random model (tests/conftest.py), 2 shared CPU cores: 8 min (training 4, evaluation 4).

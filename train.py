@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import add_lora, bf16_linears, chat_generate, load_model, lora_disabled, save_model, write_atomic
+from model import add_lora, bf16_linears, chat_generate, load_model, lora_disabled, model_stamp, save_model, write_atomic
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 
@@ -228,9 +228,7 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
 def baseline(cfg, compute):
     """theta0's metrics depend only on the model, the threat code, eval size and seed: compute them once and
     keep them in runs/.baselines/, so comparing targets does not re-measure the same base model every run."""
-    weights = os.path.join(cfg.model, "model.safetensors")
-    key = json.dumps([cfg.model, os.path.getmtime(weights) if os.path.exists(weights) else 0, cfg.threat,
-                      hashlib.sha1(open(T.__file__, "rb").read()).hexdigest(),
+    key = json.dumps([*model_stamp(cfg.model), cfg.threat, hashlib.sha1(open(T.__file__, "rb").read()).hexdigest(),
                       cfg.eval_n, cfg.seed])
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), ".baselines",
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")

@@ -1,6 +1,7 @@
 """eval.py: scoring on fake models, bootstrap intervals by hand, perplexity against transformers, and the
 matrix, plots and mechanism from two tiny checkpoints (no file of theirs touched)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import torch
 import eval as ev
 import threats as T
 from conftest import write_tiny_hf
-from model import load_model
+from model import chat_generate, load_model, model_stamp
 
 # ----------------------------------------------------------------------------- a fake multiple-choice model
 
@@ -161,6 +162,51 @@ def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
     res = json.loads((ckpt / "eval" / "results.json").read_text())
     assert set(res["models"]) == {"base", "sycophancy/act"} and res["mechanism"] == {}
     assert {"sycophancy", "capability"} == set(res["rows"][0]["changes"])
+
+
+def counting(calls, dies_at=None):
+    """chat_generate, recording the number of prompts of each call; raising KeyboardInterrupt at call `dies_at`."""
+
+    def generate(model, tok, prompts, *a, **k):
+        calls.append(len(prompts))
+        if len(calls) == dies_at:
+            raise KeyboardInterrupt
+        return chat_generate(model, tok, prompts, *a, **k)
+    return generate
+
+
+def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
+    """A Generator with a file reads back what an earlier one wrote for the same model and settings (a line
+    cut short by an interruption is dropped), and generates afresh for other settings."""
+    model, tok = load_model(str(runs / "base"))
+    cfg, stamp, path = ev.EvalConfig(max_new_tokens=3, batch_size=4), model_stamp(str(runs / "base")), tmp_path / "a.jsonl"
+    calls = []
+    monkeypatch.setattr(ev, "chat_generate", counting(calls))
+    prompts = [[T.user(f"Question {i}?")] for i in range(5)]
+    first = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts)
+    with open(path, "a") as f:
+        f.write('[["[{\\"role')  # where an interruption stopped the writing
+    again = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts + [[T.user("Another?")]])
+    assert again[:5] == first and calls == [5, 1]
+    ev.Generator(model, tok, dataclasses.replace(cfg, gen_dtype="bf16"), path=str(path), stamp=stamp)(prompts)
+    assert calls == [5, 1, 5]
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
+    args = ["--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
+    whole_calls, cut_calls, resumed_calls = [], [], []
+    monkeypatch.setattr(ev, "chat_generate", counting(whole_calls))
+    run_cli(monkeypatch, *args, "--out", tmp_path / "whole")
+    monkeypatch.setattr(ev, "chat_generate", counting(cut_calls, dies_at=3))
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
+    monkeypatch.setattr(ev, "chat_generate", counting(resumed_calls))
+    run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
+    assert sum(resumed_calls) == sum(whole_calls) - sum(cut_calls[:2])  # the two finished calls are not redone
+    whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
+    for r in (whole, cut):
+        del r["wall_time_s"], r["config"]["out"]
+    assert cut == whole
 
 
 def test_bf16_generation_leaves_perplexity_in_fp32(runs, monkeypatch, tmp_path):
