@@ -401,7 +401,21 @@ def rows_from(cfg) -> list[Row]:
     for r in rows:
         if [x.label for x in rows].count(r.label) > 1:
             r.label += f" ({os.path.basename(os.path.normpath(r.path))})"
+    taken = set()
+    for r in rows:  # and where folders share that name too
+        r.label = unique(r.label, taken)
+        taken.add(r.label)
     return sorted(rows, key=Row.order)
+
+
+def unique(label, taken):
+    """label, or else "label (2)", "label (3)", ...: the first one not in `taken` (labels name result entries
+    and, through slug, the files of records and answers)."""
+    named, k = label, 1
+    while label in taken:
+        k += 1
+        label = f"{named} ({k})"
+    return label
 
 # ----------------------------------------------------------------------------- the evaluation
 
@@ -489,8 +503,7 @@ def run(cfg: EvalConfig):
     for base_name in dict.fromkeys(r.base for r in rows):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
-        while base_label in result["models"]:   # two bases with one folder name
-            base_label += "'"
+        base_label = unique(base_label, result["models"])   # two bases in folders of one name
         base, tok = load_model(base_name)
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name, threats_for(spec, base_name),
                                                        cfg, bar)

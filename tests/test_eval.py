@@ -209,6 +209,25 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
     assert cut == whole
 
 
+def test_two_bases_with_one_folder_name_keep_apart(tmp_path, monkeypatch):
+    """Labels name a base by its folder and a checkpoint by its run (then its folder); two of either in folders
+    of one name get labels, results and files of their own."""
+    ckpts = []
+    for side, seed in (("left", 0), ("right", 3)):
+        tiny(tmp_path / side / "base", seed=seed)
+        tiny(tmp_path / side / "act-sycophancy", seed=seed + 1)
+        run = {"config": {"target": "act", "threat": "sycophancy", "model": str(tmp_path / side / "base")}}
+        (tmp_path / side / "act-sycophancy" / "run.json").write_text(json.dumps(run))
+        ckpts.append(tmp_path / side / "act-sycophancy")
+    out = tmp_path / "m"
+    run_cli(monkeypatch, "--matrix", *ckpts, "--out", out, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism")
+    res = json.loads((out / "results.json").read_text())
+    assert {"base:base", "base:base (2)"} <= set(res["models"]) and len(res["models"]) == 4
+    assert len({row["label"] for row in res["rows"]}) == 2
+    assert {"base-base", "base-base-2"} <= {p.stem for p in (out / "answers").iterdir()}
+    assert {"base-base", "base-base-2"} <= {p.name for p in (out / "records").iterdir()}
+
+
 def test_bf16_generation_leaves_perplexity_in_fp32(runs, monkeypatch, tmp_path):
     ckpt = runs / "act-sycophancy"
     got = {}
