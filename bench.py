@@ -64,6 +64,11 @@ from model import EMBEDDED, bf16_linears, chat_generate, load_model, save_model
 from train import check_ranges, cli, clip_grads
 
 IMPLS = ("ours", "hf", "hf-b1")
+ADAMW = ("default", "foreach", "fused")
+# the sequence-length regimes: the real pairs of a threat with short prompts, and of one with long contexts
+REGIMES = {"short": lambda seed: T.THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=seed),
+           "long": lambda seed: [p for p in T.THREATS["persona"].pairs(split="train", wrappers="train", seed=seed)
+                                 if p.meta["k"] == 16]}
 # the issue's targets: training >= 2x hf-b1 and >= 1.2x hf, bf16 MFU >= 40%, generation at batch 16 >= 1.5x
 GOALS = {"hf-b1": 2.0, "hf": 1.2, "mfu_bf16": 0.40, "gen16": 1.5}
 
@@ -318,8 +323,6 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
         for m in (model, reference):
             m.set_attn_implementation("eager")  # output_attentions needs the eager path
     params = [p for p in model.parameters() if p.requires_grad]
-    if adamw not in ("default", "foreach", "fused"):
-        raise ValueError(f"--adamw {adamw!r}: use default, foreach or fused")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **({adamw: True} if adamw != "default" else {}))
     needs_reference = any(C.TARGETS[n].reference for n in names)
 
@@ -374,13 +377,7 @@ def regime_pairs(regime, tok, model, cfg):
     every target has a signal: train.py drops the others for mlpct/attct), aligned, with theta0's greedy
     clean responses for BCT (`for_targets` drops them for the other targets). The same pairs serve every
     implementation."""
-    if regime == "short":
-        raw = T.THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=cfg.seed)
-    elif regime == "long":
-        raw = [p for p in T.THREATS["persona"].pairs(split="train", wrappers="train", seed=cfg.seed) if p.meta["k"] == 16]
-    else:
-        raise ValueError(f"unknown regime {regime!r}: use short, long or both (short,long)")
-    chosen = [(p, a) for p in raw if (a := C.align(tok, p)).content_moved][:cfg.batch_size]
+    chosen = [(p, a) for p in REGIMES[regime](cfg.seed) if (a := C.align(tok, p)).content_moved][:cfg.batch_size]
     if len(chosen) < cfg.batch_size:
         raise ValueError(f"only {len(chosen)} {regime} pairs move the content: use --batch-size {len(chosen)} or less")
     responses = chat_generate(model, tok, [p.clean for p, _ in chosen], max_new_tokens=cfg.response_tokens)
@@ -444,9 +441,13 @@ def run(cfg: BenchConfig):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible: run on a GPU machine or use --device cpu")
     impls, dtypes = split(cfg.impls), split(cfg.dtypes)
-    for name, values, allowed in (("impls", impls, IMPLS), ("dtypes", dtypes, ("fp32", "bf16"))):
+    for name, values, allowed in (("impls", impls, IMPLS), ("dtypes", dtypes, ("fp32", "bf16")),
+                                  ("regimes", split(cfg.regimes), REGIMES), ("adamw", [cfg.adamw], ADAMW)):
         if bad := [v for v in values if v not in allowed]:
             raise ValueError(f"--{name} {','.join(bad)}: choose from {','.join(allowed)}")
+    if bad := [b for b in split(cfg.gen_batches) if not (b.isdigit() and int(b) > 0)]:
+        raise ValueError(f"--gen-batches {','.join(bad)}: use positive batch sizes, comma-separated (e.g. 1,16), "
+                         f"or '' for no generation")
     for spec in split(cfg.targets):
         C.parse_targets(spec)
     check_ranges(cfg, BENCH_RANGES)

@@ -70,9 +70,13 @@ def test_pairs_carry_responses_only_for_bct():
         assert bench.step_flops(TINY, stripped, spec) < bench.step_flops(TINY, pairs, spec)
 
 
-def test_bad_numeric_flags_are_refused_before_any_work():
-    with pytest.raises(ValueError, match="--steps 0: use a value of 1 or more"):
-        bench.run(bench.BenchConfig(steps=0))
+@pytest.mark.parametrize("kw,msg", [(dict(steps=0), "--steps 0: use a value of 1 or more"),
+                                    (dict(regimes="short,medium"), "--regimes medium: choose from short,long"),
+                                    (dict(adamw="sgd"), "--adamw sgd: choose from default,foreach,fused"),
+                                    (dict(gen_batches="1,0"), "--gen-batches 0: use positive batch sizes")])
+def test_bad_flags_are_refused_before_any_work(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        bench.run(bench.BenchConfig(**kw))
 
 
 def test_timeit_excludes_warmup_and_takes_the_median():
