@@ -103,6 +103,27 @@ def test_token_nll_matches_fp64_at_a_real_vocabulary():
     assert torch.allclose(C.token_nll(logits, ids).double(), ref, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("full_sequence", [False, True])
+def test_bct_equals_transformers_loss_on_its_labels(tiny, full_sequence):
+    """BCT is the mean next-token cross-entropy of each pair over theta0's response (full_sequence_loss: over
+    every token of the wrapped sequence, Chua et al.), then the mean over pairs; transformers' own labels loss
+    on one pair at a time is the reference."""
+    transformers = pytest.importorskip("transformers")
+    model, tok, path = tiny
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pairs = make_pairs(tok)
+    want = 0.0
+    with torch.no_grad():
+        for p in pairs:
+            ids = torch.tensor([p.wrapped + p.response])
+            labels = ids.clone()
+            if not full_sequence:
+                labels[:, :len(p.wrapped)] = -100  # the prompt is not scored
+            want += hf(input_ids=ids, labels=labels).loss.item() / len(pairs)
+        got, _ = C.consistency_loss(model, model, C.collate(pairs, tok.pad_id, full_sequence), [("bct", 1.0)])
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
 def test_jsd_by_hand():
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.5, 0.4])
     m = (p + q) / 2
