@@ -54,7 +54,7 @@ from tqdm import tqdm
 import consistency as C
 import threats as T
 from model import EMBEDDED, chat_generate, load_model, model_stamp, write_atomic
-from train import check_ranges, cli
+from train import check_ranges, cli, pyplot
 
 
 @dataclass
@@ -623,13 +623,6 @@ def report(result, cfg, images):
     return "\n".join(md) + "\n"
 
 # ----------------------------------------------------------------------------- report: plots
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def plot_bars(panels, path):

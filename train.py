@@ -11,7 +11,7 @@ held-out wrappers.
 
 Every flag is a field of TrainConfig. The run folder gets config.json-style HF checkpoint files, run.json
 (the resolved config, before/after metrics, wall time), results.md (the table), log.jsonl (one line per
-step) and checkpoint/ (weights + optimizer + step, written atomically, removed once the run finishes).
+step), loss.png (the loss per step and, per layer, at the first and last step) and checkpoint/ (weights + optimizer + step, written atomically, removed once the run finishes).
 A folder that already holds a run, finished or interrupted, is refused unless --resume or --overwrite says
 what to do with it.
 """
@@ -125,6 +125,38 @@ def check_out(cfg):
                          f"over, or another --out")
     if os.path.exists(os.path.join(cfg.out, "run.json")):
         raise ValueError(f"{cfg.out} holds a finished run: pass --overwrite to replace it, or another --out")
+
+
+def pyplot():
+    """matplotlib's pyplot drawing to files (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_log(out):
+    """loss.png in the run folder: the loss and its EMA per step and, for the targets measured per layer,
+    the loss of each layer at the first and the last step (where along the stack training moved things)."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    at = {r["step"]: r for r in rows}  # a resumed run logs the steps past its checkpoint twice: the later counts
+    steps = sorted(at)
+    layered = [k for k in at[steps[0]] if k.endswith("_per_layer")]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 1 + len(layered), figsize=(5 * (1 + len(layered)), 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot(steps, [at[s]["loss"] for s in steps], alpha=0.35, label="loss")
+    ax.plot(steps, [at[s]["loss_ema"] for s in steps], label="EMA")
+    ax.set(xlabel="step", ylabel="loss", title="training loss")
+    ax.legend()
+    for ax, key in zip(axes[0][1:], layered):
+        for s in (steps[0], steps[-1]):
+            ax.plot(at[s][key], marker=".", label=f"step {s}")
+        ax.set(xlabel="layer", ylabel=key.removesuffix("_per_layer"), title=f"{key.removesuffix('_per_layer')} per layer")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+    plt.close(fig)
 
 
 def lr_at(cfg, step):
@@ -460,6 +492,7 @@ def train(cfg: TrainConfig):
         save_model(model, tok, cfg.out, extra={"run.json": report})
         results = f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n{table(before, after)}\n\nwall time {wall:.0f} s\n"
         open(os.path.join(cfg.out, "results.md"), "w").write(results)
+        plot_log(cfg.out)
         shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
         run.print("\n" + results + f"\nsaved to {cfg.out}")
     if run.ddp:

@@ -68,6 +68,8 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypat
     # the log keeps what happened: step 3 ran once before the interruption and again after the resume
     steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "log.jsonl")]
     assert steps == [0, 1, 2, 3, 3, 4, 5]
+    for run in ("straight", "cut"):  # its picture, the repeated step included
+        assert (tmp_path / run / "loss.png").stat().st_size > 10_000
 
 
 def test_compiled_run_matches_the_eager_one_and_resumes_it(tiny_dir, tmp_path, monkeypatch):
