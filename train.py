@@ -11,9 +11,9 @@ held-out wrappers.
 
 Every flag is a field of TrainConfig. The run folder gets config.json-style HF checkpoint files, run.json
 (the resolved config, before/after metrics, wall time), results.md (the table), log.jsonl (one line per
-step), loss.png (the loss per step and, per layer, at the first and last step) and checkpoint/ (weights + optimizer + step, written atomically, removed once the run finishes).
-A folder that already holds a run, finished or interrupted, is refused unless --resume or --overwrite says
-what to do with it.
+step), loss.png (the loss per step and, per layer, at the first and last step) and checkpoint/ (weights +
+optimizer + step, written atomically, removed once the run finishes). A folder that already holds a run,
+finished or interrupted, is refused unless --resume or --overwrite says what to do with it.
 """
 
 import argparse
@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import add_lora, bf16_linears, chat_generate, load_model, lora_disabled, model_stamp, save_model, write_atomic
+from model import (add_lora, bf16_linears, chat_generate, load_model, lora_disabled, model_stamp, save_model,
+                   write_atomic)
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 
@@ -150,9 +151,10 @@ def plot_log(out):
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.legend()
     for ax, key in zip(axes[0][1:], layered):
+        name = key.removesuffix("_per_layer")
         for s in (steps[0], steps[-1]):
             ax.plot(at[s][key], marker=".", label=f"step {s}")
-        ax.set(xlabel="layer", ylabel=key.removesuffix("_per_layer"), title=f"{key.removesuffix('_per_layer')} per layer")
+        ax.set(xlabel="layer", ylabel=name, title=f"{name} per layer")
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "loss.png"), dpi=110)
