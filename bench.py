@@ -34,7 +34,8 @@ What is measured (every flag is a field of BenchConfig):
    row runs the same number of tokens, in alternating rounds as above; "same tokens" is the share of rows
    where both produced identical ids.
 4. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
-   model copies it builds (trained model, frozen reference, gradients, AdamW state, activations).
+   model copies it builds (training: trained model, frozen reference, gradients, AdamW state, activations;
+   generation: the weights in the generation dtype, the KV cache, activations).
 
 dtype policy: fp32, or bf16 = torch.autocast over fp32 weights for training (as train.py does), bf16
 weights for generation. Prints markdown tables and writes them with the machine's description to --out.
@@ -505,12 +506,15 @@ def run(cfg: BenchConfig):
     prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=16, seed=cfg.seed)]
     for dtype in dtypes:
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+        # converted once, outside the measurement: a copy made in fp32 and then converted would put the
+        # fp32 weights in every generation's peak, for both sides alike, and hide what generation itself uses
+        sources = {"ours": copy.deepcopy(ours).to(torch_dtype), "hf": copy.deepcopy(hf).to(torch_dtype)}
         for bs in map(int, split(cfg.gen_batches)):
             rows = (prompts * (bs // len(prompts) + 1))[:bs]
             row = {"dtype": dtype, "batch": bs, "new_tokens": cfg.gen_tokens, "prompt_len": statistics.mean(map(len, rows))}
             def build(impl):
-                src, fn = (ours, generate_ours) if impl == "ours" else (hf, generate_hf)
-                m = copy.deepcopy(src).to(torch_dtype)
+                fn = generate_ours if impl == "ours" else generate_hf
+                m = copy.deepcopy(sources[impl])
                 if impl == "ours" and cfg.compile:
                     m.compile_blocks()
                 return lambda: fn(m, rows, cfg.gen_tokens, tok.pad_id)
