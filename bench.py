@@ -62,7 +62,7 @@ import torch.nn.functional as F
 import consistency as C
 import threats as T
 from model import EMBEDDED, bf16_linears, chat_generate, load_model, save_model
-from train import check_ranges, cli, clip_grads
+from train import check_ranges, cli, clip_grads, make_folder
 
 IMPLS = ("ours", "hf", "hf-b1")
 ADAMW = ("default", "foreach", "fused")
@@ -438,6 +438,8 @@ def fmt(x, spec=".0f"):
 
 def run(cfg: BenchConfig):
     from transformers import AutoModelForCausalLM
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device):
+        raise ValueError(f"--device {cfg.device}: use cpu, cuda or cuda:N")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is visible: run on a GPU machine or use --device cpu")
@@ -452,6 +454,7 @@ def run(cfg: BenchConfig):
     for spec in split(cfg.targets):
         C.parse_targets(spec)
     check_ranges(cfg, BENCH_RANGES)
+    make_folder(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}")  # now, not after an hour of measurements
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -529,8 +532,9 @@ def run(cfg: BenchConfig):
     result["goals"] = goals(result)
     result["table"] = table(result, impls)
     print("\n" + result["table"])
-    with open(cfg.out, "w") as f:
+    with open(cfg.out + ".tmp", "w") as f:  # written whole or not at all: an older table stays readable
         json.dump(result, f, indent=2)
+    os.replace(cfg.out + ".tmp", cfg.out)
     print(f"\nwritten to {cfg.out}")
     return result
 

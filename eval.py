@@ -54,7 +54,7 @@ from tqdm import tqdm
 import consistency as C
 import threats as T
 from model import EMBEDDED, chat_generate, load_model, model_stamp, write_atomic
-from train import check_ranges, cli, pyplot
+from train import check_ranges, cli, make_folder, pyplot
 
 
 @dataclass
@@ -494,7 +494,7 @@ def run(cfg: EvalConfig):
         raise ValueError(f"--gen-dtype {cfg.gen_dtype!r}: use fp32 or bf16")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    os.makedirs(cfg.out, exist_ok=True)
+    make_folder(cfg.out)
     units, gens = plan_units(rows, spec, cfg)
     print(f"{len(rows)} checkpoint(s), {len({r.base for r in rows})} base model(s); about {units // ANSWER_UNIT} answers of "
           f"<= {cfg.max_new_tokens} tokens (per threat: {gens}); the bar's ETA is the run-time estimate", flush=True)

@@ -114,6 +114,15 @@ def check_ranges(cfg, ranges):
             raise ValueError(f"--{name.replace('_', '-')} {value}: use a value {allowed}")
 
 
+def make_folder(path, flag="--out"):
+    """Make an output folder before any work, or stop with one line: a path that cannot be written found only
+    at the end would lose the run."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot make the folder {path} ({e.strerror}): pick a writable path") from None
+
+
 def check_out(cfg):
     """Refuse to start a run over the work in --out unless told what to do with it: losing a finished or
     interrupted run to a rerun with the same default folder is the mistake this prevents."""
@@ -393,6 +402,7 @@ def train(cfg: TrainConfig):
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
     targets = C.parse_targets(cfg.target)
     check_ranges(cfg, TRAIN_RANGES)
+    bf16 = use_bf16(cfg, run.device)
     lr, rank, lora_targets = RECIPES["organism" if cfg.organism else targets[0][0]]
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
@@ -404,6 +414,7 @@ def train(cfg: TrainConfig):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {run.world} processes x {cfg.grad_accum} micro-batches")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
     check_out(cfg)
+    make_folder(cfg.out)
     torch.manual_seed(cfg.seed)
 
     model, tok = load_model(cfg.model)
@@ -423,14 +434,12 @@ def train(cfg: TrainConfig):
                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr,
                             fused=True)  # one kernel over all parameters: ~6x faster than the default on CPU
     run.broadcast(params)
-    bf16 = use_bf16(cfg, run.device)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     threat = T.THREATS[cfg.threat]
 
     start = load_checkpoint(cfg, model, opt) if cfg.resume else 0
     if cfg.overwrite and run.main:  # or a later --resume would pick up the replaced run's state
         shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
-    os.makedirs(cfg.out, exist_ok=True)
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
     theta0 = model if cfg.lora_rank else frozen

@@ -73,10 +73,18 @@ def test_pairs_carry_responses_only_for_bct():
 @pytest.mark.parametrize("kw,msg", [(dict(steps=0), "--steps 0: use a value of 1 or more"),
                                     (dict(regimes="short,medium"), "--regimes medium: choose from short,long"),
                                     (dict(adamw="sgd"), "--adamw sgd: choose from default,foreach,fused"),
-                                    (dict(gen_batches="1,0"), "--gen-batches 0: use positive batch sizes")])
+                                    (dict(gen_batches="1,0"), "--gen-batches 0: use positive batch sizes"),
+                                    (dict(device="tpu"), "--device tpu: use cpu, cuda or cuda:N")])
 def test_bad_flags_are_refused_before_any_work(kw, msg):
     with pytest.raises(ValueError, match=msg):
         bench.run(bench.BenchConfig(**kw))
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path):
+    """The table is written at the end of an hour's run: a path it cannot go to must fail at the start."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--out .*a_file/bench.json: cannot make the folder .*a_file "):
+        bench.run(bench.BenchConfig(out=str(tmp_path / "a_file" / "bench.json")))
 
 
 def test_timeit_excludes_warmup_and_takes_the_median():

@@ -262,6 +262,7 @@ def test_perplexity_matches_transformers(runs):
     ([], "pass --ckpt DIR or --matrix"),
     (["--ckpt", "{ckpt}", "--gen-dtype", "fp16"], "--gen-dtype 'fp16'"),
     (["--ckpt", "{ckpt}", "--n", "0"], "--n 0: use a value of 1 or more"),
+    (["--ckpt", "{ckpt}", "--out", "{ckpt}/run.json/eval"], "--out: cannot make the folder"),
 ])
 def test_one_line_errors(runs, monkeypatch, args, message):
     args = [a.format(base=runs / "base", ckpt=runs / "act-sycophancy") for a in args]

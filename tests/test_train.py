@@ -174,6 +174,12 @@ def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
     assert not (tmp_path / "bad").exists()  # refused before anything is written
 
 
+def test_an_out_that_cannot_be_made_is_one_line(tiny_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--out: cannot make the folder .*a_file/run .Not a directory."):
+        train.train(config(tiny_dir, tmp_path / "a_file" / "run"))
+
+
 def test_a_folder_holding_a_run_is_not_started_over(tiny_dir, tmp_path, monkeypatch):
     """A rerun into the folder of a finished or an interrupted run is refused before it touches anything,
     naming the flag for what to do; --overwrite starts over with a log of its own steps only."""
