@@ -446,12 +446,13 @@ def bf16_linears(model: Transformer) -> Transformer:
 def add_lora(model: Transformer, rank: int, alpha: float, targets: tuple[str, ...]) -> list[nn.Parameter]:
     """Freeze the model and put LoRA adapters on every Linear whose name ends in one of `targets`
     (e.g. q_proj, v_proj). Returns the adapter parameters."""
+    names = list(dict.fromkeys(n.split(".")[-1] for n, m in model.model.named_modules() if isinstance(m, nn.Linear)))
     if "lm_head" in targets:  # ModelOutput.logits_at applies the head after forward, outside lora_disabled
-        raise ValueError("LoRA on lm_head is not supported: put adapters on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+        raise ValueError(f"LoRA on lm_head is not supported: put adapters on {','.join(names)}")
+    if unknown := [t for t in targets if t not in names]:  # a misspelt name would otherwise train nothing there
+        raise ValueError(f"LoRA targets {','.join(unknown)}: no such Linear in the blocks; choose from {','.join(names)}")
     model.requires_grad_(False)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
-    if not found:
-        raise ValueError(f"no Linear named {targets} in the model: use q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    found = [(n, m) for n, m in model.model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     params = []
     for _, m in found:
         m.__class__ = LoRALinear  # same object and weights, new forward

@@ -82,6 +82,13 @@ def test_lora_on_lm_head_is_refused(tiny):
         add_lora(copy.deepcopy(model), 4, 8, ("lm_head",))
 
 
+def test_lora_on_an_unknown_name_is_refused_even_beside_known_ones(tiny):
+    """A misspelt target beside a real one used to be skipped silently, leaving that layer untrained."""
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="LoRA targets v_prj: no such Linear in the blocks; choose from q_proj,"):
+        add_lora(copy.deepcopy(model), 4, 8, ("q_proj", "v_prj"))
+
+
 def test_lora_merged_and_saved_compute_what_the_adapters_do(tiny, tmp_path):
     """merge_lora and save_model fold B @ A * scale into the weight; the adapted model adds it per forward."""
     model, tok, _ = tiny
