@@ -509,10 +509,10 @@ def run(cfg: BenchConfig):
     prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=16, seed=cfg.seed)]
     for dtype in dtypes:
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
-        # converted once, outside the measurement: a copy made in fp32 and then converted would put the
-        # fp32 weights in every generation's peak, for both sides alike, and hide what generation itself uses
-        sources = {"ours": copy.deepcopy(ours).to(torch_dtype), "hf": copy.deepcopy(hf).to(torch_dtype)}
         for bs in map(int, split(cfg.gen_batches)):
+            # converted outside the measurement: a copy made in fp32 and then converted would put the fp32
+            # weights in every generation's peak, for both sides alike, and hide what generation itself uses
+            sources = {"ours": copy.deepcopy(ours).to(torch_dtype), "hf": copy.deepcopy(hf).to(torch_dtype)}
             rows = (prompts * (bs // len(prompts) + 1))[:bs]
             row = {"dtype": dtype, "batch": bs, "new_tokens": cfg.gen_tokens, "prompt_len": statistics.mean(map(len, rows))}
             def build(impl):
