@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, bf16_linears, chat_generate, load_model, save_model
+from model import EMBEDDED, bf16_linears, chat_generate, dump_json, load_model, save_model, write_atomic
 from train import check_ranges, cli, clip_grads, make_folder
 
 IMPLS = ("ours", "hf", "hf-b1")
@@ -532,9 +532,7 @@ def run(cfg: BenchConfig):
     result["goals"] = goals(result)
     result["table"] = table(result, impls)
     print("\n" + result["table"])
-    with open(cfg.out + ".tmp", "w") as f:  # written whole or not at all: an older table stays readable
-        json.dump(result, f, indent=2)
-    os.replace(cfg.out + ".tmp", cfg.out)
+    write_atomic(cfg.out, lambda path: dump_json(result, path))  # whole or not at all: an older table stays readable
     print(f"\nwritten to {cfg.out}")
     return result
 
