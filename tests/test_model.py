@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import write_byte_tokenizer, write_tiny_hf
-from model import KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
+from model import FEW_ROWS, KVCache, Linear, add_lora, bf16_linears, load_model, merge_lora, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
 
@@ -319,6 +319,23 @@ def test_bf16_linears_under_autocast_give_the_same_numbers(tiny):
         b = stored(ids, capture="blocks.*.hook_resid_post")
     assert torch.equal(a.logits, b.logits)
     assert all(torch.equal(a.cache[k], b.cache[k]) for k in a.cache)
+
+
+@pytest.mark.parametrize("rows", [1, 16, FEW_ROWS, FEW_ROWS + 1])
+def test_linear_computes_the_product_on_every_path(rows):
+    """Without grad, 2..FEW_ROWS rows in bf16 run as W @ x^T (decoding reads the weights faster that way):
+    the same product as F.linear up to bf16 rounding, same shape, dtype and layout; with grad, F.linear."""
+    torch.manual_seed(0)
+    lin = Linear(96, 80, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)  # a decoding step: one token in each of `rows` rows
+    exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    with torch.no_grad():
+        y = lin(x)
+    assert y.shape == (rows, 1, 80) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    err = (y.double() - exact).abs().max()
+    own = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - exact).abs().max()  # torch's bf16 error
+    assert err <= 2 * own
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
 def test_short_bf16_training_attention_matches_sdpa(tiny):
