@@ -16,7 +16,8 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
     blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities ((B, n_head, C, T)
                                                       with pattern_rows: only the query rows a loss reads)
 Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
-for short bf16 training sequences on the CPU, where they are faster to differentiate. model.compile_blocks()
+for short bf16 training sequences on the CPU, where they are faster to differentiate. Decoding's few-row bf16
+products run as W @ x^T on the CPU (Linear), which reads the weights faster. model.compile_blocks()
 compiles the blocks for training (train.py --compile).
 """
 
@@ -182,7 +183,8 @@ class Linear(nn.Linear):
 
 def linear(x, weight, bias=None):
     rows = x.numel() // x.shape[-1]
-    if 2 <= rows <= FEW_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled() and runs_in_bf16(x):
+    # the row count last: compiled with dynamic shapes, testing it adds a guard (a graph per side of FEW_ROWS)
+    if x.device.type == "cpu" and not torch.is_grad_enabled() and runs_in_bf16(x) and 2 <= rows <= FEW_ROWS:
         y = (weight @ x.reshape(rows, -1).mT).mT.reshape(*x.shape[:-1], -1).contiguous()
         return y if bias is None else y + bias.to(y.dtype)
     return F.linear(x, weight, bias)
