@@ -185,7 +185,7 @@ def linear(x, weight, bias=None):
     rows = x.numel() // x.shape[-1]
     # the row count last: compiled with dynamic shapes, testing it adds a guard (a graph per side of FEW_ROWS)
     if x.device.type == "cpu" and not torch.is_grad_enabled() and runs_in_bf16(x) and 2 <= rows <= FEW_ROWS:
-        y = (weight @ x.reshape(rows, -1).mT).mT.reshape(*x.shape[:-1], -1).contiguous()
+        y = (weight @ x.reshape(rows, -1).mT).mT.reshape(*x.shape[:-1], -1).contiguous()  # callers .view() it
         return y if bias is None else y + bias.to(y.dtype)
     return F.linear(x, weight, bias)
 
