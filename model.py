@@ -269,12 +269,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None):
-        """-> the block's output (the residual stream after it), its attention pattern (or None), its MLP post."""
+    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None, want_post=False):
+        """-> the block's output (the residual stream after it), its attention pattern (or None), its MLP post
+        (or None). Compiled, every output gets a gradient in the backward, zeros for one nothing read: an
+        unwanted (B, T, d_ff) post cost a long ACT step 150 ms of zero-filling (3% of it)."""
         a, pattern = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, want_pattern, rows)
         x = x + a
         m, post = self.mlp(self.post_attention_layernorm(x))
-        return x + m, pattern, post
+        return x + m, pattern, post if want_post else None
 
 
 class KVCache:
@@ -361,7 +363,8 @@ class Transformer(nn.Module):
         for l, block in enumerate(self.model.layers):
             name = f"blocks.{l}."
             kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
-            x, pattern, post = block(x, cos, sin, mask, kv, name + "attn.hook_pattern" in want, pattern_rows)
+            x, pattern, post = block(x, cos, sin, mask, kv, name + "attn.hook_pattern" in want, pattern_rows,
+                                     name + "mlp.hook_post" in want)
             for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
                 if name + key in want:
                     cache[name + key] = value
