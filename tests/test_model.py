@@ -321,17 +321,19 @@ def test_bf16_linears_under_autocast_give_the_same_numbers(tiny):
     assert all(torch.equal(a.cache[k], b.cache[k]) for k in a.cache)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 16, FEW_ROWS, FEW_ROWS + 1])
-def test_linear_computes_the_product_on_every_path(rows):
-    """Without grad, 2..FEW_ROWS rows in bf16 run as W @ x^T (decoding reads the weights faster that way):
-    the same product as F.linear up to bf16 rounding, same shape, dtype and layout; with grad, F.linear."""
+def test_linear_computes_the_product_on_every_path(rows, dtype):
+    """Without grad, one row runs as a matrix-vector product and 2..FEW_ROWS rows in bf16 as W @ x^T
+    (decoding reads the weights faster that way): the same product as F.linear up to rounding, same shape,
+    dtype and layout; with grad, F.linear."""
     torch.manual_seed(0)
-    lin = Linear(96, 80, bias=True).to(torch.bfloat16)
-    x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)  # a decoding step: one token in each of `rows` rows
+    lin = Linear(96, 80, bias=True).to(dtype)
+    x = torch.randn(rows, 1, 96, dtype=dtype)  # a decoding step: one token in each of `rows` rows
     exact = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
     with torch.no_grad():
         y = lin(x)
-    assert y.shape == (rows, 1, 80) and y.dtype == torch.bfloat16 and y.is_contiguous()
+    assert y.shape == (rows, 1, 80) and y.dtype == dtype and y.is_contiguous()
     err = (y.double() - exact).abs().max()
     own = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - exact).abs().max()  # torch's bf16 error
     assert err <= 2 * own
