@@ -183,17 +183,19 @@ class Linear(nn.Linear):
 
 
 def linear(x, weight, bias=None):
+    if x.device.type != "cpu" or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    # compiled with dynamic shapes, a test of the row count adds a guard (a graph per side of FEW_ROWS), so it
+    # comes after the dtype; `rows == 1` adds none, as dynamic sizes are taken to be at least 2
     rows = x.numel() // x.shape[-1]
-    # the row count last: compiled with dynamic shapes, testing it adds a guard (a graph per side of FEW_ROWS)
-    if x.device.type == "cpu" and not torch.is_grad_enabled() and rows == 1:
-        # one token: a matrix-vector product, which compiled blocks fuse into their own kernels instead of
-        # calling oneDNN's slow one-column path (a compiled batch-1 generation 1.53x faster in bf16, 1.06x in fp32)
+    if rows == 1:  # one token: a matrix-vector product, which compiled blocks fuse into their own kernels instead
+        # of calling oneDNN's slow one-column path (a compiled batch-1 generation 1.53x faster in bf16, 1.06x in fp32)
         y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-        return y if bias is None else y + bias.to(y.dtype)
-    if x.device.type == "cpu" and not torch.is_grad_enabled() and runs_in_bf16(x) and 2 <= rows <= FEW_ROWS:
+    elif runs_in_bf16(x) and 2 <= rows <= FEW_ROWS:
         y = (weight @ x.reshape(rows, -1).mT).mT.reshape(*x.shape[:-1], -1).contiguous()  # callers .view() it
-        return y if bias is None else y + bias.to(y.dtype)
-    return F.linear(x, weight, bias)
+    else:
+        return F.linear(x, weight, bias)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 class Attention(nn.Module):
