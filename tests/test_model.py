@@ -335,7 +335,7 @@ def test_linear_computes_the_product_on_every_path(rows, dtype):
         y = lin(x)
     assert y.shape == (rows, 1, 80) and y.dtype == dtype and y.is_contiguous()
     err = (y.double() - exact).abs().max()
-    own = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - exact).abs().max()  # torch's own rounding error
+    own = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - exact).abs().max()  # torch's rounding error
     assert err <= 2 * own
     assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
