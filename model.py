@@ -18,8 +18,7 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
 Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
 for short bf16 training sequences on the CPU, where they are faster to differentiate. Decoding's few-row bf16
 products run as W @ x^T on the CPU (Linear), which reads the weights faster, and one-row products as
-matrix-vector products. model.compile_blocks()
-compiles the blocks for training (train.py --compile).
+matrix-vector products. model.compile_blocks() compiles the blocks for training (train.py --compile).
 """
 
 import fnmatch
