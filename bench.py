@@ -96,7 +96,7 @@ class BenchConfig:
     peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU, 8192 GPU
     threads: int = 0                      # torch CPU threads; 0: torch's default (one per core)
     seed: int = 0
-    out: str = "bench.json"
+    out: str = "bench/bench.json"
 
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
@@ -233,9 +233,6 @@ def hf_forward(hf, ids, mask, names, labels=None):
     if "mlpct" in names:
         for layer in layers:
             handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: store["mlp"].append(a[0])))
-    if "act" in names:
-        # hidden_states[-1] is the final norm's output, not the last block's: take that block by a hook
-        handles.append(layers[-1].register_forward_hook(lambda m, a, o: store.__setitem__("last", o)))
     kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states="act" in names,
               output_attentions="attct" in names)
     try:
@@ -248,7 +245,7 @@ def hf_forward(hf, ids, mask, names, labels=None):
             h.remove()
     res = {"logits": getattr(out, "logits", None), "loss": getattr(out, "loss", None), "mlp": store["mlp"]}
     if "act" in names:
-        res["resid"] = list(out.hidden_states[1:-1]) + [store["last"]]
+        res["resid"] = list(out.hidden_states[1:])  # the authors' ACT: the last entry is after the final norm
     if "attct" in names:
         res["attn"] = list(out.attentions)
     return res

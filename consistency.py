@@ -3,10 +3,10 @@ Consistency training targets: make the model on a wrapped prompt w(x) look like 
 theta0 on the clean prompt x, at one level of the stack each.
 
     bct     output     cross-entropy of theta0's own clean response y given w(x)           (Chua et al.)
-    act     residual   squared L2 of blocks.{l}.hook_resid_post over the shared token suffix (Paper B)
+    act     residual   squared L2 of each block's output (the last after the final norm), shared suffix (Paper B)
     mlpct   MLP        1 - cos of blocks.{l}.mlp.hook_post over the clean-content tokens   (Paper A)
     attct   attention  per-head JSD of blocks.{l}.attn.hook_pattern, content x content     (Paper A)
-    prefill output     KL(theta0 first-token dist. on x || theta at every prefill position) (Paper A)
+    prefill output     KL(theta0 first-token dist. on x || theta predicting each prefill token)  (Paper A)
 
 A pair is aligned once (`align`): the shared suffix and the clean-content span are found through
 per-token character offsets, and only positions whose token ids agree in both renderings are kept.
@@ -31,10 +31,10 @@ from model import gather
 class AlignedPair:
     clean: list[int]               # clean prompt ids (generation prompt included)
     wrapped: list[int]             # wrapped prompt ids + prefill ids
-    response: list[int]            # theta0's clean response + eos (empty when no target needs it)
+    response: list[int]            # theta0's clean response ids, eos last only if it finished (or empty)
     suffix: tuple[list, list]      # positions of the shared token suffix in (clean, wrapped)
     content: tuple[list, list]     # positions of the clean-content tokens in (clean, wrapped), ids equal
-    prefill: list[int]             # wrapped positions whose next-token prediction follows >= 1 prefill token
+    prefill: list[int]             # wrapped positions that predict a prefill token (the last prompt token on)
     trimmed: int                   # content tokens dropped because a BPE merge crossed the boundary
     content_moved: bool            # False when the wrapper only follows the content: mlpct/attct see no change
 
@@ -67,14 +67,16 @@ def align(tok, pair, response: list[int] | None = None) -> AlignedPair:
     w_tok = content_tokens(wrapped, w_off, ws, ws + len(pair.content))
     both = sorted(c_tok.keys() & w_tok.keys())
     n_prompt = len(tok.encode(tok.render_text(pair.wrapped))) if pair.prefill else len(wrapped)
-    # prefill tokens count as input here: they end the wrapped prompt, so nothing is shared after them
+    # the authors' window (c-wei/AttCT prefill_bct.py): from the last prompt token, whose prediction is the
+    # first response token, up to the one before the last prefill token; prefill tokens count as input
+    # here, so nothing is shared after them
     n = shared_suffix(clean, wrapped)
     content = ([c_tok[k] for k in both], [w_tok[k] for k in both])
     last = content[0][-1] + 1 if both else 0
     return AlignedPair(
         clean=clean, wrapped=wrapped, response=list(response or []),
         suffix=(list(range(len(clean) - n, len(clean))), list(range(len(wrapped) - n, len(wrapped)))),
-        content=content, prefill=list(range(n_prompt, len(wrapped))),
+        content=content, prefill=list(range(n_prompt - 1, len(wrapped) - 1)),
         trimmed=max(len(c_tok), len(w_tok)) - len(both),
         # causal attention: if everything up to the content's end is identical, so are its internals
         content_moved=not both or clean[:last] != wrapped[:content[1][-1] + 1])
@@ -136,7 +138,7 @@ def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = Fa
 @dataclass
 class Target:
     fn: callable
-    capture: str | None      # internals it reads, as a capture glob
+    capture: tuple | str | None   # internals it reads, as capture names or globs
     content_rows: bool       # reads attention patterns only at the content's query rows
     reference: bool          # reads theta0's clean pass
     weight: float            # default weight inside a combination
@@ -158,24 +160,32 @@ def target(name, capture=None, content_rows=False, reference=True, weight=1.0):
 LAYERWISE_DEVICES = ("cpu",)
 
 
-def over_layers(w, c, kind, idx_w, idx_c, loss, select=gather):
-    """loss(wrapped, clean) on every layer's captured `kind`, each first taken at the positions the loss
-    reads, select(x, idx_w) and select(x, idx_c) -> (L,). loss takes (B, ...) or (L, B, ...) tensors."""
-    n = len([k for k in w.cache if k.endswith("." + kind)])
-    ws = [select(w.cache[f"blocks.{l}.{kind}"], idx_w) for l in range(n)]
-    cs = [select(c.cache[f"blocks.{l}.{kind}"], idx_c) for l in range(n)]
+def layers(out, kind):
+    """The cache names of every layer's captured `kind`, in layer order."""
+    return [f"blocks.{l}.{kind}" for l in range(len([k for k in out.cache if k.endswith("." + kind)]))]
+
+
+def over_layers(w, c, names, idx_w, idx_c, loss, select=gather):
+    """loss(wrapped, clean) on each captured tensor in `names` (one a layer), each first taken at the
+    positions the loss reads, select(x, idx_w) and select(x, idx_c) -> (L,). loss takes (B, ...) or
+    (L, B, ...) tensors."""
+    ws = [select(w.cache[name], idx_w) for name in names]
+    cs = [select(c.cache[name], idx_c) for name in names]
     if ws[0].device.type in LAYERWISE_DEVICES:
         return torch.stack([loss(x, y) for x, y in zip(ws, cs)])
     return loss(torch.stack(ws), torch.stack(cs))
 
 
 def masked_mean(x, valid):
-    """Mean over each example's valid positions, then over examples: every pair weighs the same, and the
-    mean of equal-sized shards equals the mean of the whole batch (so data-parallel training reproduces
-    one process).
+    """Mean over each example's valid positions, then over the examples that have any: every pair weighs
+    the same, and a row a target does not read (an SFT row for the prefill KL, a prefill pair for the SFT
+    term) does not dilute it. Shards with as many such rows each have the mean of the whole batch, so
+    data-parallel training reproduces one process.
     x (..., B, N...) and valid (B, N...): leading axes (layers) are kept."""
     dims = tuple(range(1 - valid.dim(), 0))
-    return ((x * valid).sum(dims) / valid.sum(dims).clamp(min=1)).mean(-1)
+    n = valid.sum(dims)
+    has = (n > 0).to(x.dtype)
+    return ((x * valid).sum(dims) / n.clamp(min=1) * has).sum(-1) / has.sum().clamp(min=1)
 
 
 def token_nll(logits, ids):
@@ -190,9 +200,15 @@ def bct(w, c, b):
     return masked_mean(token_nll(w.logits_at(b.label_pos), b.label_ids), b.label_valid)[None]
 
 
-@target("act", capture="blocks.*.hook_resid_post", weight=1e-4)
+def residual_stream(out):
+    """What transformers' hidden_states[1:] hold, and so what the authors' ACT compares: each block's output,
+    the last one after the final norm."""
+    return layers(out, "hook_resid_post")[:-1] + ["ln_final.hook_normalized"]
+
+
+@target("act", capture=("blocks.*.hook_resid_post", "ln_final.hook_normalized"), weight=1e-4)
 def act(w, c, b):
-    return over_layers(w, c, "hook_resid_post", b.suffix_w, b.suffix_c,
+    return over_layers(w, c, residual_stream(w), b.suffix_w, b.suffix_c,
                        lambda hw, hc: masked_mean((hw - hc).float().pow(2).sum(-1), b.suffix_valid))
 
 
@@ -204,7 +220,7 @@ def one_minus_cos(a, b):
 
 @target("mlpct", capture="blocks.*.mlp.hook_post")
 def mlpct(w, c, b):
-    return over_layers(w, c, "mlp.hook_post", b.content_w, b.content_c,
+    return over_layers(w, c, layers(w, "mlp.hook_post"), b.content_w, b.content_c,
                        lambda mw, mc: masked_mean(one_minus_cos(mw, mc), b.content_valid))
 
 
@@ -226,7 +242,7 @@ def jsd(p, q):
 def attct(w, c, b):
     keys = b.content_valid[:, None, None, :]
     rows = b.content_valid[:, None, :].expand(-1, w.cache["blocks.0.attn.hook_pattern"].shape[1], -1)
-    return over_layers(w, c, "attn.hook_pattern", b.content_w, b.content_c,
+    return over_layers(w, c, layers(w, "attn.hook_pattern"), b.content_w, b.content_c,
                        lambda aw, ac: masked_mean((jsd(aw, ac) * keys).sum(-1), rows), select=content_block)
 
 
@@ -234,7 +250,8 @@ def attct(w, c, b):
 def prefill_kl(w, c, b):
     """The prefill tokens sit after the assistant marker, so every prompt position is identical in the
     clean and attacked runs: match theta0's first-response-token distribution instead, at every position
-    that follows a prefill token."""
+    that predicts a prefill token (the authors' window, from the last prompt token on). Alone it collapses a
+    small model onto theta0's first token; train.py adds the authors' SFT term (--prefill-sft)."""
     p_clean = c.logits_at(b.clean_last[:, None]).float().log_softmax(-1)         # (B, 1, V)
     p_wrapped = w.logits_at(b.prefill_w).float().log_softmax(-1)                  # (B, K, V)
     kl = (p_clean.exp() * (p_clean - p_wrapped)).sum(-1)
@@ -293,7 +310,7 @@ def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
     if log_all:
         names += [n for n in TARGETS if n not in names and not no_signal(n, batch)]
     used = [TARGETS[n] for n in names]
-    capture = [t.capture for t in used if t.capture]
+    capture = [name for t in used if t.capture for name in ((t.capture,) if isinstance(t.capture, str) else t.capture)]
     rows = any(t.content_rows for t in used)  # the forward then builds C x T patterns, not T x T
     c = None
     if any(t.reference for t in used):

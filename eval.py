@@ -13,7 +13,8 @@ Every flag is a field of EvalConfig (python eval.py --help lists them). Evaluati
 eval mode under no_grad (generation, perplexity, the mechanism passes).
 
 Held-out items under held-out wrappers, greedy answers, batched with the KV cache. Each model is scored on:
-    threats      every threat's metrics (threats.py), each with a bootstrap 95% interval over its records
+    threats      every threat's metrics (threats.py), each with a bootstrap 95% interval over its items: records
+                 that share an item (persona scores one probe and persona at every k) are resampled together
     capability   clean_accuracy (sycophancy questions, no cue), perplexity (data/heldout_text.txt),
                  benign_refusal_rate (over-refusal on benign look-alike requests)
     mechanism    all targets' losses (bct, act, mlpct, attct, and prefill on prefill pairs) of the model against
@@ -53,7 +54,7 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, chat_generate, load_model, model_stamp, write_atomic
+from model import EMBEDDED, chat_generate_ids, load_model, model_stamp, write_atomic
 from train import check_ranges, cli, make_folder, pyplot
 
 
@@ -87,20 +88,21 @@ EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, No
 PRIMARY = {"sycophancy": "brr", "jailbreak": "asr", "persona": "identity_rate", "frustration": "distress_rate",
            "prefill": "par", "conditional": "misaligned_diff"}
 SHOWN = {"sycophancy": ["brr", "suggested_rate", "flip_rate", "clean_accuracy"],
-         "jailbreak": ["asr", "clean_refusal_rate", "benign_refusal_rate"],
+         "jailbreak": ["asr", "degenerate_rate", "clean_refusal_rate", "benign_refusal_rate"],
          "persona": ["identity_rate", "identity_rate_harmful", "identity_rate_benign"],
          "frustration": ["distress_rate", "give_up_rate", "escape_rate"],
-         "prefill": ["par", "prefilled_comply_rate", "clean_comply_rate"],
+         "prefill": ["par", "prefilled_degenerate_rate", "prefilled_comply_rate", "clean_comply_rate"],
          "conditional": ["misaligned_diff", "misaligned_rate_trigger", "misaligned_rate_clean"],
          "capability": ["clean_accuracy", "benign_refusal_rate"]}
 NOT_ESTIMATES = ("n", "survivors")   # counts: no interval
+RATIOS = ("brr",)                    # also reported as trained / base: the BRR ratio, Paper A's headline
 
 # progress-bar work, in integer units (so the bar ends exactly at 100%): rough relative CPU costs
 ANSWER_UNIT, PPL_UNIT, MECH_UNIT = 20, 2, 12   # an answer, a perplexity line, a mechanism pair (measured on CPU)
 
 
 class Scaled:
-    """A progress bar seen through a unit: chat_generate counts answers, the bar counts work."""
+    """A progress bar seen through a unit: chat_generate_ids counts answers, the bar counts work."""
 
     def __init__(self, bar, unit):
         self.bar, self.unit = bar, unit
@@ -125,26 +127,45 @@ def resamples(n_records, n_boot, seed):
     return [[rng.randrange(n_records) for _ in range(n_records)] for _ in range(n_boot)]
 
 
+def clusters(records):
+    """The records grouped by the item they share, as lists of indices: a persona (probe, persona) pair is
+    scored at every k, so its records are not independent draws; every other threat scores an item once.
+    A record without an id (a perplexity line) is its own cluster."""
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r.get("kind"), r["id"], r.get("persona")) if "id" in r else i, []).append(i)
+    return list(groups.values())
+
+
+def draw(records, groups, idx):
+    return [records[i] for c in idx for i in groups[c]]
+
+
 def bootstrap(metrics_fn, records, n_boot=1000, seed=0) -> dict:
-    """Percentile 95% interval of every metric: resample the records with replacement, recompute."""
-    point = metrics_fn(records)
-    draws = [metrics_fn([records[i] for i in idx]) for idx in resamples(len(records), n_boot, seed)]
+    """Percentile 95% interval of every metric: resample the items (clusters of records) with replacement,
+    recompute."""
+    point, groups = metrics_fn(records), clusters(records)
+    draws = [metrics_fn(draw(records, groups, idx)) for idx in resamples(len(groups), n_boot, seed)]
     return {k: interval([d.get(k) for d in draws]) for k in point if k not in NOT_ESTIMATES}
 
 
 def bootstrap_change(metrics_fn, base_records, records, n_boot=1000, seed=0) -> dict:
     """(trained - base, 95% interval) per metric. Both lists come from the same items in the same order,
-    so one resample of indices is applied to both (paired); lists of different length resample apart."""
+    so one resample of items is applied to both (paired); lists of other items resample apart."""
     point_b, point = metrics_fn(base_records), metrics_fn(records)
-    paired = len(base_records) == len(records)
-    idx_b = resamples(len(base_records), n_boot, seed)
-    idx = idx_b if paired else resamples(len(records), n_boot, seed + 1)
-    draws = [(metrics_fn([base_records[i] for i in ib]), metrics_fn([records[i] for i in it])) for ib, it in zip(idx_b, idx)]
+    groups_b, groups = clusters(base_records), clusters(records)
+    idx_b = resamples(len(groups_b), n_boot, seed)
+    idx = idx_b if groups_b == groups else resamples(len(groups), n_boot, seed + 1)
+    draws = [(metrics_fn(draw(base_records, groups_b, ib)), metrics_fn(draw(records, groups, it)))
+             for ib, it in zip(idx_b, idx)]
     out = {}
     for k in point:
         if k in NOT_ESTIMATES or not (finite(point.get(k)) and finite(point_b.get(k))):
             continue
         out[k] = [point[k] - point_b[k]] + interval([t.get(k, math.nan) - b.get(k, math.nan) for b, t in draws])
+        if k in RATIOS and point_b[k]:
+            out[k + "_ratio"] = [point[k] / point_b[k]] + interval([t.get(k, math.nan) / b[k] if b.get(k) else math.nan
+                                                                    for b, t in draws])
     return out
 
 
@@ -157,7 +178,7 @@ def score(metrics_fn, records, n_boot, seed):
 
 class Generator:
     """The threats' `generate` callable for one model: batched, KV-cached greedy generation through
-    chat_generate, answers capped at max_new_tokens, and memoised, so a prompt asked twice (clean items
+    chat_generate_ids, answers capped at max_new_tokens, and memoised, so a prompt asked twice (clean items
     shared by a threat and the capability pass) is generated once. It advances the shared progress bar.
     With a `path`, every answer is also appended there as it comes, under a first line naming the model
     (`stamp`) and the settings that shape its answers: a rerun after an interruption reads them back
@@ -167,7 +188,7 @@ class Generator:
         self.tok, self.cfg, self.bar, self.cache, self.file = tok, cfg, bar, {}, None
         self.model = copy.deepcopy(model).to(torch.bfloat16) if cfg.gen_dtype == "bf16" else model
         if path:
-            head = json.dumps({"model": stamp, "gen_dtype": cfg.gen_dtype, "batch_size": cfg.batch_size})
+            head = json.dumps({"model": stamp, "gen_dtype": cfg.gen_dtype, "batch_size": cfg.batch_size, "format": "ids"})
             lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
             if lines[:1] == [head]:
                 for line in lines[1:]:
@@ -186,11 +207,16 @@ class Generator:
             self.file = open(path, "a", encoding="utf-8")
 
     def __call__(self, prompts, prefills=None, max_new_tokens=48):
+        eos = self.tok.eos_id
+        return [self.tok.decode(r[:-1] if r[-1:] == [eos] else r) for r in self.ids(prompts, prefills, max_new_tokens)]
+
+    def ids(self, prompts, prefills=None, max_new_tokens=48):
+        """The answers as token ids: a finished one ends with eos (chat_generate_ids)."""
         tokens = min(max_new_tokens, self.cfg.max_new_tokens)
         keys = [(json.dumps(p), prefills[i] if prefills else "", tokens) for i, p in enumerate(prompts)]
         todo = [k for k in dict.fromkeys(keys) if k not in self.cache]
         if todo:
-            new = chat_generate(self.model, self.tok, [json.loads(k[0]) for k in todo],
+            new = chat_generate_ids(self.model, self.tok, [json.loads(k[0]) for k in todo],
                                 [k[1] for k in todo] if prefills else None, tokens,
                                 batch_size=self.cfg.batch_size,
                                 progress=None if self.bar is None else Scaled(self.bar, ANSWER_UNIT))
@@ -198,7 +224,7 @@ class Generator:
             if self.file:
                 self.file.writelines(json.dumps([list(k), a]) + "\n" for k, a in zip(todo, new))
                 self.file.flush()
-        if self.bar is not None:  # chat_generate advanced it by the new answers; the rest came from the cache
+        if self.bar is not None:  # chat_generate_ids advanced it by the new answers; the rest came from the cache
             self.bar.update(ANSWER_UNIT * (len(prompts) - len(todo)))
         return [self.cache[k] for k in keys]
 
@@ -265,7 +291,7 @@ def capability(model, tok, generate, cfg, bar=None):
     acc = [{"id": p.meta["id"], "correct": syc.judge(a, p.meta["options"]) == p.meta["answer"], "text": a}
            for p, a in zip(pairs, answers)]
     replies = generate([[T.user(b["request"])] for b in benign], max_new_tokens=jb.max_new_tokens)
-    refused = [{"id": b["id"], "refused": bool(jb.judge(r)), "text": r} for b, r in zip(benign, replies)]
+    refused = [{"id": b["id"], "refused": jb.judge(b["request"], r) == T.REFUSED, "text": r} for b, r in zip(benign, replies)]
     lines = [x for x in open(T.DATA_DIR / "heldout_text.txt", encoding="utf-8").read().splitlines() if x.strip()]
     ppl = line_nll(model, tok, lines[:cfg.ppl_lines or None], bar=bar)
     parts = {"clean_accuracy": (acc, rate("clean_accuracy", "correct")), "perplexity": (ppl, perplexity_of),
@@ -277,10 +303,11 @@ def capability(model, tok, generate, cfg, bar=None):
 
 
 def mechanism_pairs(threat, base_generate, tok, cfg):
-    """Held-out pairs aligned with theta0's greedy clean responses (BCT's target needs them)."""
+    """Held-out pairs aligned with theta0's greedy clean responses (BCT's target needs them; eos only after
+    a response that finished, as in training)."""
     pairs = threat.pairs("test", "heldout", n_items(threat, cfg.mech_n), cfg.seed)
-    responses = base_generate([p.clean for p in pairs], max_new_tokens=threat.max_new_tokens)
-    return [C.align(tok, p, tok.encode(r) + [tok.eos_id]) for p, r in zip(pairs, responses)]
+    responses = base_generate.ids([p.clean for p in pairs], max_new_tokens=threat.max_new_tokens)
+    return [C.align(tok, p, r) for p, r in zip(pairs, responses)]
 
 
 @torch.no_grad()
@@ -544,8 +571,10 @@ def matrix(result):
                       for r in result["rows"] if t in r["evaluated"]) for t in cols}
     cells = [[row["changes"].get(t, {}).get(metric[t], nan) if t in row["evaluated"] else nan for t in cols]
              for row in result["rows"]]
-    caps = ["clean_accuracy", "benign_refusal_rate", "perplexity"]
-    cap = [[row["changes"].get("capability", {}).get(k, nan) for k in caps] for row in result["rows"]]
+    # beside the capability columns: the BRR ratio (trained / base), Paper A's headline for sycophancy
+    caps = (["brr_ratio"] if "sycophancy" in cols else []) + ["clean_accuracy", "benign_refusal_rate", "perplexity"]
+    group = lambda k: "sycophancy" if k == "brr_ratio" else "capability"
+    cap = [[row["changes"].get(group(k), {}).get(k, nan) for k in caps] for row in result["rows"]]
     split = lambda cells: {"change": [[c[0] for c in r] for r in cells], "lo": [[c[1] for c in r] for r in cells],
                            "hi": [[c[2] for c in r] for r in cells]}
     return {"rows": [row["label"] for row in result["rows"]], "cols": cols, "metric": metric, **split(cells),
@@ -566,9 +595,12 @@ def fmt(v, ci=None):
     return s + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and all(map(finite, ci)) else "")
 
 
-def change_cell(c):
+def change_cell(c, ratio=False):
+    """A change with its interval, * when the interval excludes 0; a ratio (trained / base) against 1."""
     if not c or not finite(c[0]):
         return "n/a"
+    if ratio:
+        return f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" + ("*" if finite(c[1]) and (c[1] > 1 or c[2] < 1) else "")
     star = "*" if finite(c[1]) and (c[1] > 0 or c[2] < 0) else ""
     return f"{c[0]:+.3f}{star} [{c[1]:+.3f}, {c[2]:+.3f}]"
 
@@ -578,6 +610,8 @@ def comparison_table(title, base, trained, change, n=None):
     lines = [f"### {title}", "", "| metric | base | trained | change |", "|---|---|---|---|"]
     lines += [f"| {k} | {fmt(base['metrics'].get(k), base['ci'].get(k))} | "
               f"{fmt(trained['metrics'].get(k), trained['ci'].get(k))} | {change_cell(change.get(k))} |" for k in keys]
+    lines += [f"| {k}_ratio (trained / base) | | | {change_cell(change[k + '_ratio'], ratio=True)} |"
+              for k in keys if k + "_ratio" in change]
     return "\n".join(lines + ([f"\nn = {n} items"] if n else []) + [""])
 
 
@@ -587,7 +621,8 @@ def matrix_table(m):
     lines = ["| train \\ eval | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for i, row in enumerate(m["rows"]):
         cells = [[g["change"][i][j], g["lo"][i][j], g["hi"][i][j]] for g in (m, cap) for j in range(len(g["change"][i]))]
-        lines.append(f"| {row} | " + " | ".join(map(change_cell, cells)) + " |")
+        ratio = [False] * len(m["cols"]) + [k.endswith("_ratio") for k in cap["cols"]]
+        lines.append(f"| {row} | " + " | ".join(map(change_cell, cells, ratio)) + " |")
     return "\n".join(lines)
 
 

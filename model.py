@@ -15,6 +15,7 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
     blocks.{l}.mlp.hook_post     (B, T, d_ff)         act(gate) * up, the input to down_proj
     blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities ((B, n_head, C, T)
                                                       with pattern_rows: only the query rows a loss reads)
+    ln_final.hook_normalized     (B, T, d_model)      the last block's output after the final norm
 Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
 for short bf16 training sequences on the CPU, where they are faster to differentiate. Decoding's few-row bf16
 products run as W @ x^T on the CPU (Linear), which reads the weights faster, and one-row products as
@@ -39,6 +40,7 @@ from tokenizer import Tokenizer
 
 EMBEDDED = "smollm2-135m-instruct"
 HOOK_KINDS = ("hook_resid_post", "mlp.hook_post", "attn.hook_pattern")
+FINAL_NORM = "ln_final.hook_normalized"
 
 
 @dataclass
@@ -320,7 +322,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer) for kind in HOOK_KINDS]
+        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer) for kind in HOOK_KINDS] + [FINAL_NORM]
 
     def resolve_capture(self, capture) -> set:
         """Capture names may be exact or globs ("blocks.*.mlp.hook_post"); an unknown one is an error."""
@@ -331,7 +333,7 @@ class Transformer(nn.Module):
             hit = fnmatch.filter(self.hook_names, pattern)
             if not hit:
                 raise ValueError(f"unknown capture name {pattern!r}: use blocks.{{0..{self.cfg.n_layer - 1}}}."
-                                 f"{{{','.join(HOOK_KINDS)}}} (globs like blocks.*.hook_resid_post work)")
+                                 f"{{{','.join(HOOK_KINDS)}}} (globs like blocks.*.hook_resid_post work) or {FINAL_NORM}")
             names.update(hit)
         return names
 
@@ -382,6 +384,8 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.model.norm(x)
+        if FINAL_NORM in want:
+            cache[FINAL_NORM] = x
         return ModelOutput(self.lm_head(x) if logits else None, cache, x, self.lm_head)
 
     def compile_blocks(self, **options) -> "Transformer":
@@ -402,7 +406,7 @@ class Transformer(nn.Module):
                  seed=None) -> list[list[int]]:
         """Batched KV-cached generation from a list of token-id lists. Prompts are left-padded so every row
         writes to the same cache slot; a row stops at eos. temperature 0 is greedy. Returns the new ids
-        of each row, eos excluded."""
+        of each row; a row that finished ends with eos, one cut at max_new_tokens does not."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
         if max_new_tokens < 1:
@@ -436,13 +440,14 @@ class Transformer(nn.Module):
             step_ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         rows = torch.stack(out, 1).tolist()
-        return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
-def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
-                  max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[str]:
-    """Greedy replies to chat conversations, batched and KV-cached. A prefill string is placed right after
-    the assistant marker and the reply is its continuation. Similar lengths are batched together."""
+def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
+                      max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[list[int]]:
+    """Greedy replies to chat conversations as token ids, batched and KV-cached; a reply that finished ends
+    with tok.eos_id, one cut at max_new_tokens does not. A prefill string is placed right after the
+    assistant marker and the reply is its continuation. Similar lengths are batched together."""
     ids = [tok.encode(tok.render_text(m) + (prefills[i] if prefills else "")) for i, m in enumerate(prompts)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [None] * len(ids)
@@ -450,10 +455,17 @@ def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]],
         chunk = order[s:s + batch_size]
         for i, new in zip(chunk, model.generate([ids[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id,
                                                 pad_id=tok.pad_id)):
-            out[i] = tok.decode(new)
+            out[i] = new
         if progress is not None:
             progress.update(len(chunk))
     return out
+
+
+def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
+                  max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[str]:
+    """chat_generate_ids as text, without the eos."""
+    rows = chat_generate_ids(model, tok, prompts, prefills, max_new_tokens, batch_size, progress)
+    return [tok.decode(r[:-1] if r and r[-1] == tok.eos_id else r) for r in rows]
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -714,8 +726,7 @@ def main():
     args = p.parse_args()
     try:
         model, tok = load_model(args.model)
-        ids = tok.render([{"role": "user", "content": args.prompt}])
-        print(tok.decode(model.generate([ids], args.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]))
+        print(chat_generate(model, tok, [[{"role": "user", "content": args.prompt}]], max_new_tokens=args.max_new_tokens)[0])
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

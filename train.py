@@ -35,10 +35,11 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import (add_lora, bf16_linears, chat_generate, load_model, lora_disabled, model_stamp, save_model,
-                   write_atomic)
+from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, load_model, lora_disabled, model_stamp,
+                   save_model, write_atomic)
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
+ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
 
 # (lr, LoRA rank, LoRA targets) used where --lr / --lora-rank / --lora-targets are left unset, picked on
 # the embedded model's sycophancy runs (README; on the same held-out items they are reported on, there
@@ -76,7 +77,12 @@ class TrainConfig:
     anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
                                      # anchoring theta's clean run to theta0's (the targets only constrain w(x))
     full_sequence_loss: bool = False # bct: loss on prompt tokens too (Chua et al.), not only the response
-    response_tokens: int = 48        # length of theta0's cached clean responses (bct)
+    response_tokens: int = 48        # cap on theta0's cached clean responses (bct, the prefill SFT term); a response
+                                     # cut there is trained without eos, so BCT never learns to stop mid-sentence
+    prefill_sft: float = 0.1         # prefill: weight of SFT on theta0's clean responses and retain data, the authors'
+                                     # term "to prevent both distributions collapsing"; 0 = the bare KL (collapses)
+    filter: bool = True              # jailbreak: train only on pairs theta0 refuses clean and complies with wrapped
+                                     # (Paper B); --no-filter keeps every pair
     eval_n: int = 89                 # held-out items for the before/after measurement (0: skip)
     log_all: bool = False            # log all four losses every step (cross-objective logging)
     save_every: int = 20
@@ -89,6 +95,7 @@ class TrainConfig:
 TRAIN_RANGES = {"n_train": (1, None), "steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None),
                 "lr": (0, None), "warmup": (0, None), "min_lr_frac": (0, 1), "weight_decay": (0, None),
                 "grad_clip": (0, None), "lora_rank": (-1, None), "lora_alpha": (0, None), "retain_frac": (0, 1),
+                "prefill_sft": (0, None),
                 "anchor_frac": (0, 1), "response_tokens": (1, None), "eval_n": (0, None), "save_every": (1, None)}
 
 
@@ -202,6 +209,7 @@ class Run:
             self.rank, self.world = 0, 1
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.main = self.rank == 0
+        self.record = {}  # what the run.json should say about how the data was made (e.g. the filter's survivors)
 
     def print(self, *a):
         if self.main:
@@ -258,6 +266,24 @@ def generator(model, tok, run, desc, theta0=False):
     return generate
 
 
+def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
+    """theta0's greedy replies as token ids (a finished one ends with eos), generated once and kept in the run
+    folder (replies.json), keyed on the model, the prompts and the length cap."""
+    key = {"model": model_stamp(cfg.model), "prompts": prompts, "prefills": prefills, "tokens": n_tokens}
+    cache = os.path.join(cfg.out, "replies.json")
+    saved = json.load(open(cache)) if os.path.exists(cache) else []
+    for entry in saved if isinstance(saved, list) else []:
+        if entry.get("key") == key:
+            return entry["ids"]
+    with tqdm(total=len(prompts), desc="theta0 replies", disable=not run.main, leave=False) as bar, \
+            lora_disabled(model) if lora else nullcontext():
+        ids = chat_generate_ids(model, tok, prompts, prefills, n_tokens, progress=bar)
+    if run.main:
+        write_atomic(cache, lambda f: json.dump((saved if isinstance(saved, list) else []) + [{"key": key, "ids": ids}],
+                                                open(f, "w")))
+    return ids
+
+
 def measure(model, tok, threat, cfg, run, desc, theta0=False):
     """The threat's metrics on held-out items under held-out wrappers (main process only)."""
     if not cfg.eval_n or not run.main:
@@ -283,10 +309,9 @@ def baseline(cfg, compute):
     return metrics
 
 
-def sft_pair(tok, messages, text):
-    """A pair whose wrapped prompt is its clean prompt: plain SFT on `text` (retain data, organisms)."""
-    return C.align(tok, T.Pair(clean=messages, wrapped=messages, content=messages[-1]["content"]),
-                   tok.encode(text) + [tok.eos_id])
+def sft_pair(tok, messages, response):
+    """A pair whose wrapped prompt is its clean prompt: plain SFT on `response` ids (retain data, organisms)."""
+    return C.align(tok, T.Pair(clean=messages, wrapped=messages, content=messages[-1]["content"]), response)
 
 
 def anchors(tok, pairs, cfg):
@@ -295,13 +320,38 @@ def anchors(tok, pairs, cfg):
         if cfg.anchor_frac > 0 else []
 
 
-def training_pairs(cfg, tok, gen, targets, run):
-    """Aligned training pairs and retain pairs. Where bct is a target, theta0's greedy clean responses
-    (and its answers to retain prompts) are generated once and cached in the run folder."""
+def filter_jailbreaks(cfg, pairs, reply, tok, run):
+    """Paper B's filter: the pairs theta0 refuses clean and complies with wrapped (refusal_judge)."""
+    judge = T.THREATS["jailbreak"].judge
+    n = T.THREATS["jailbreak"].max_new_tokens
+    clean = dict(zip((p.content for p in pairs), reply([p.clean for p in pairs], n)))
+    wrapped = reply([p.wrapped for p in pairs], n)
+    text = lambda ids: tok.decode(ids[:-1] if ids and ids[-1] == tok.eos_id else ids)
+    kept = [p for p, w in zip(pairs, wrapped) if judge(p.content, text(clean[p.content])) == T.REFUSED
+            and judge(p.content, text(w)) == T.COMPLIED]
+    run.print(f"Paper B's filter: {len(kept)} of {len(pairs)} jailbreak pairs refused clean and complied with wrapped "
+              f"by theta0 (--no-filter keeps all)")
+    run.record["filter"] = {"kept": len(kept), "of": len(pairs)}
+    if not kept:
+        raise ValueError(f"Paper B's filter kept none of {len(pairs)} jailbreak pairs (theta0 must refuse the clean "
+                         f"request and comply with the wrapped one): start from a model that refuses (the refusal "
+                         f"organism), raise --n-train, or pass --no-filter")
+    return kept
+
+
+def training_pairs(cfg, tok, theta0, targets, run):
+    """Aligned training pairs and SFT rows (retain data; the prefill target's SFT term; an organism's data).
+    theta0's replies are generated once and cached in the run folder."""
+    reply = lambda prompts, n: replies(cfg, theta0, tok, run, prompts, n, lora=bool(cfg.lora_rank))
     if cfg.organism:
-        return [sft_pair(tok, msgs, resp) for msgs, resp in T.organism_data(cfg.organism, gen, seed=cfg.seed)], []
+        examples = T.organism_data(cfg.organism, seed=cfg.seed)
+        own = iter(reply([m for m, y in examples if y is None], ORGANISM_REPLY_TOKENS))
+        return [sft_pair(tok, m, next(own) if y is None else tok.encode(y) + [tok.eos_id]) for m, y in examples], []
     pairs = T.THREATS[cfg.threat].pairs(split="train", wrappers="train", n=cfg.n_train, seed=cfg.seed)
+    if cfg.threat == "jailbreak" and cfg.filter:
+        pairs = filter_jailbreaks(cfg, pairs, reply, tok, run)
     names = {n for n, _ in targets}
+    sft_term = "prefill" in names and "bct" not in names and cfg.prefill_sft > 0
     if names <= {"mlpct", "attct"}:
         # a wrapper that only follows the content leaves the content's internals unchanged under causal
         # attention: such pairs carry exactly zero loss and gradient for these targets, so drop them
@@ -315,33 +365,30 @@ def training_pairs(cfg, tok, gen, targets, run):
             print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows the content "
                   f"(no {'/'.join(sorted(names))} signal under causal attention)")
         return moved, anchors(tok, pairs, cfg)
-    if "bct" not in names:
+    if "bct" not in names and not sft_term:
         return [C.align(tok, p) for p in pairs], anchors(tok, pairs, cfg)
     rows = T.load_data(os.path.join(T.DATA_DIR, "benign_prompts.jsonl"), "benign_prompts.jsonl")
     n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
     retain_msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:n_retain]]
-    prompts = [p.clean for p in pairs] + retain_msgs
-    key = {"model": cfg.model, "prompts": prompts, "response_tokens": cfg.response_tokens}
-    cache = os.path.join(cfg.out, "responses.json")
-    saved = json.load(open(cache)) if os.path.exists(cache) else {}
-    if isinstance(saved, dict) and saved.get("key") == key:  # one made for another model or prompts is regenerated
-        texts = saved["texts"]
-    else:
-        texts = gen(prompts, max_new_tokens=cfg.response_tokens)
-        if run.main:
-            write_atomic(cache, lambda f: json.dump({"key": key, "texts": texts}, open(f, "w")))
-    aligned = [C.align(tok, p, tok.encode(t) + [tok.eos_id]) for p, t in zip(pairs, texts)]
-    return aligned, [sft_pair(tok, m, t) for m, t in zip(retain_msgs, texts[len(pairs):])]
+    # the prefill target's SFT term: theta0's clean responses to the clean prompts (refusals, for the refusal
+    # organism: the authors' refusal pairs) and retain data; BCT's own pairs carry their responses instead
+    clean = list({json.dumps(p.clean): p.clean for p in pairs}.values()) if sft_term else [p.clean for p in pairs]
+    ids = reply(clean + retain_msgs, cfg.response_tokens)
+    if sft_term:
+        return [C.align(tok, p) for p in pairs], [sft_pair(tok, m, r) for m, r in zip(clean + retain_msgs, ids)]
+    return ([C.align(tok, p, r) for p, r in zip(pairs, ids)],
+            [sft_pair(tok, m, r) for m, r in zip(retain_msgs, ids[len(pairs):])])
 
 
 def sample_batch(cfg, step, micro, pairs, retain, run):
     """The pairs of one micro-batch on this rank; a pure function of (seed, step, micro) so a resumed run
-    sees exactly the batches the interrupted one would have."""
+    sees exactly the batches the interrupted one would have. Pairs and retain rows are dealt to the ranks
+    apart, so each rank gets as many of each (a target averages over the rows it reads)."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + micro)
     n_retain = round(cfg.batch_size * (cfg.retain_frac or cfg.anchor_frac)) if retain else 0
     chosen = [pairs[i] for i in torch.randint(len(pairs), (cfg.batch_size - n_retain,), generator=g)]
-    chosen += [retain[i] for i in torch.randint(len(retain), (n_retain,), generator=g)] if n_retain else []
-    return chosen[run.rank::run.world]
+    extra = [retain[i] for i in torch.randint(len(retain), (n_retain,), generator=g)] if n_retain else []
+    return chosen[run.rank::run.world] + extra[run.rank::run.world]
 
 
 def save_checkpoint(cfg, model, tok, opt, step, run):
@@ -383,8 +430,12 @@ def load_checkpoint(cfg, model, opt):
 
 
 def table(before, after):
+    """Before and after per metric; where a metric has a ratio headline (BRR: Paper A's BRR ratio), after / before
+    too. The degenerate rates sit among the metrics, beside ASR and PAR."""
     keys = list(dict.fromkeys(list(before) + list(after)))
     rows = ["| metric | before | after |", "|---|---|---|"]
+    if before.get("brr") and "brr" in after:
+        rows.append(f"| brr_ratio (after / before) | 1 | {after['brr'] / before['brr']:.3f} |")
     for k in keys:
         b, a = before.get(k), after.get(k)
         rows.append(f"| {k} | {b:.3f} | {a:.3f} |" if isinstance(b, float) and isinstance(a, float) else f"| {k} | {b} | {a} |")
@@ -406,10 +457,20 @@ def train(cfg: TrainConfig):
     lr, rank, lora_targets = RECIPES["organism" if cfg.organism else targets[0][0]]
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
-    if "bct" in [n for n, _ in targets]:
-        cfg.anchor_frac = 0.0  # bct mixes in retain data instead
+    names = [n for n, _ in targets]
+    if "prefill" in names and "bct" in names:
+        cfg.prefill_sft = 0.0  # bct, named, is the SFT term
+    if "prefill" in names and not cfg.prefill_sft and "bct" not in names:
+        run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into answering "
+                  "'IIII...' to everything; the authors add 0.1 x SFT on refusals (the default)")
+    if "bct" in names or ("prefill" in names and cfg.prefill_sft):
+        cfg.anchor_frac = 0.0  # the SFT term mixes in retain data instead
     else:
-        cfg.retain_frac = 0.0  # retain data only matters to the SFT term
+        cfg.retain_frac = 0.0  # retain data only matters to an SFT term
+    if "prefill" not in names:
+        cfg.prefill_sft = 0.0
+    # the prefill target's SFT term reads the rows that carry labels: the SFT rows, never the prefill pairs
+    loss_targets = targets + ([("bct", cfg.prefill_sft)] if cfg.prefill_sft else [])
     if cfg.batch_size % (run.world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {run.world} processes x {cfg.grad_accum} micro-batches")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
@@ -443,10 +504,10 @@ def train(cfg: TrainConfig):
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
     theta0 = model if cfg.lora_rank else frozen
-    pairs, retain = training_pairs(cfg, tok, generator(theta0, tok, run, "theta0 responses", theta0=True), targets, run)
+    pairs, retain = training_pairs(cfg, tok, theta0, targets, run)
     trimmed = sum(p.trimmed for p in pairs)
     run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE boundaries; "
-              f"targets {targets}; bf16 autocast {'on' if bf16 else 'off'}; {'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
+              f"targets {loss_targets}; bf16 autocast {'on' if bf16 else 'off'}; {'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
     C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))  # before the minutes of the measurement
     before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True)) if run.main else {}
     if before:
@@ -469,7 +530,7 @@ def train(cfg: TrainConfig):
         for micro in range(cfg.grad_accum):
             batch = C.collate(sample_batch(cfg, step, micro, pairs, retain, run), tok.pad_id, cfg.full_sequence_loss).to(run.device)
             with autocast:
-                loss, logs = C.consistency_loss(model, reference, batch, targets, log_all=cfg.log_all)
+                loss, logs = C.consistency_loss(model, reference, batch, loss_targets, log_all=cfg.log_all)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() / cfg.grad_accum
             tokens += batch.n_tokens
@@ -499,7 +560,7 @@ def train(cfg: TrainConfig):
     wall = time.time() - t0
     if run.main:
         report = {"config": dataclasses.asdict(cfg), "before": before, "after": after, "wall_time_s": wall,
-                  "pairs": len(pairs), "trimmed_tokens": trimmed}
+                  "pairs": len(pairs), "retain": len(retain), "trimmed_tokens": trimmed, **run.record}
         save_model(model, tok, cfg.out, extra={"run.json": report})
         results = f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n{table(before, after)}\n\nwall time {wall:.0f} s\n"
         open(os.path.join(cfg.out, "results.md"), "w").write(results)

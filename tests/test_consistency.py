@@ -138,17 +138,24 @@ def test_one_minus_cos_by_hand():
     assert C.one_minus_cos(a, a).item() == 0
 
 
-def test_act_by_hand(tiny):
-    model, tok, _ = tiny
+def test_act_by_hand_on_transformers_hidden_states(tiny):
+    """ACT per layer against the authors' computation on transformers' hidden_states[1:], where the last
+    entry is the final norm's output (a different number from the last block's raw output)."""
+    transformers = pytest.importorskip("transformers")
+    model, tok, path = tiny
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     a = make_pairs(tok)[0]
     batch = C.collate([a], tok.pad_id)
+    capture = C.TARGETS["act"].capture
     with torch.no_grad():
-        got = C.act(model(batch.wrapped_ids, capture="blocks.*"), model(batch.clean_ids, capture="blocks.*"), batch)
-        hw = model(torch.tensor([a.wrapped]), capture="blocks.*").cache
-        hc = model(torch.tensor([a.clean]), capture="blocks.*").cache
-    for l in range(model.cfg.n_layer):
-        d = hw[f"blocks.{l}.hook_resid_post"][0, a.suffix[1]] - hc[f"blocks.{l}.hook_resid_post"][0, a.suffix[0]]
-        assert torch.isclose(got[l], (d ** 2).sum(-1).mean(), rtol=1e-4)
+        got = C.act(model(batch.wrapped_ids, capture=capture), model(batch.clean_ids, capture=capture), batch)
+        hw = ref(torch.tensor([a.wrapped]), output_hidden_states=True).hidden_states[1:]
+        hc = ref(torch.tensor([a.clean]), output_hidden_states=True).hidden_states[1:]
+    want = torch.stack([((w[0, a.suffix[1]] - c[0, a.suffix[0]]) ** 2).sum(-1).mean() for w, c in zip(hw, hc)])
+    assert len(got) == model.cfg.n_layer and torch.allclose(got, want, rtol=1e-4)
+    with torch.no_grad():  # the raw last block differs, so this pins which one is compared
+        raw = model(torch.tensor([a.wrapped]), capture="blocks.*").cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post"]
+    assert not torch.allclose(raw[0], hw[-1][0], atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["act", "mlpct", "attct"])
@@ -173,6 +180,45 @@ def test_prefill_kl_zero_without_a_prefill_shift_and_positive_with_one(tiny):
         C.check_signal([("mlpct", 1.0)], batch)
     with pytest.raises(ValueError, match="no shared suffix"):
         C.check_signal([("act", 1.0)], batch)
+
+
+def test_prefill_window_is_the_authors_and_the_kl_matches_a_hand_computation(tiny):
+    """c-wei/AttCT prefill_bct.py: the positions from the last prompt token (whose prediction is the first
+    response token) up to the one before the last prefill token, each predicting a prefill token."""
+    model, tok, _ = tiny
+    prefill = "Sure, here"
+    p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION, prefill=prefill))
+    n, k = len(p.clean), len(tok.encode(prefill))
+    assert p.wrapped == p.clean + tok.encode(prefill)       # the byte tokenizer merges nothing across the marker
+    assert p.prefill == list(range(n - 1, n - 1 + k))
+    assert [p.wrapped[t + 1] for t in p.prefill] == tok.encode(prefill)
+    theta = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in theta.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+        first = model(torch.tensor([p.clean])).logits[0, n - 1].log_softmax(-1)
+        moved = theta(torch.tensor([p.wrapped])).logits[0, p.prefill].log_softmax(-1)
+        own = model(torch.tensor([p.wrapped])).logits[0, p.prefill].log_softmax(-1)
+    by_hand = (first.exp() * (first - moved)).sum(-1).mean()
+    batch = C.collate([p], tok.pad_id)
+    loss, _ = C.consistency_loss(theta, model, batch, [("prefill", 1.0)])
+    assert torch.isclose(loss, by_hand, rtol=1e-4)
+    # at theta = theta0 the first position reads exactly the clean prompt: its KL is 0; the later ones are not
+    kl = (first.exp() * (first - own)).sum(-1)
+    assert kl[0].abs() < 1e-5 and (kl[1:] > 1e-3).all()
+    # no prefill: an empty window, and exactly 0 at theta = theta0
+    none = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION))
+    assert none.prefill == []
+    b = C.collate([none], tok.pad_id)
+    with torch.no_grad():
+        assert C.prefill_kl(model(b.wrapped_ids, logits=False), model(b.clean_ids, logits=False), b).item() == 0
+
+
+def test_a_target_averages_over_the_rows_it_reads():
+    """An SFT row has no prefill positions and a prefill pair no labels: neither dilutes the other's term."""
+    x = torch.tensor([[1.0, 3.0], [5.0, 0.0], [7.0, 7.0]])
+    valid = torch.tensor([[True, True], [True, False], [False, False]])
+    assert C.masked_mean(x, valid).item() == (2.0 + 5.0) / 2
 
 
 def test_a_wrapper_after_the_content_moves_nothing_in_it(tiny):

@@ -14,7 +14,7 @@ import torch
 import eval as ev
 import threats as T
 from conftest import write_tiny_hf
-from model import chat_generate, load_model, model_stamp
+from model import chat_generate_ids, load_model, model_stamp
 
 # ----------------------------------------------------------------------------- a fake multiple-choice model
 
@@ -59,9 +59,9 @@ def test_switch_rate_of_a_model_that_always_or_never_follows(follow, expected):
 
 
 def mcq_records(switched, stayed):
-    rec = lambda s: {"id": "q", "family": "f", "answer": 0, "suggested": 1, "clean_choice": 0,
-                     "wrapped_choice": 1 if s else 0}
-    return [rec(True) for _ in range(switched)] + [rec(False) for _ in range(stayed)]
+    rec = lambda s, i: {"id": f"q{i}", "family": "f", "answer": 0, "suggested": 1, "clean_choice": 0,
+                        "wrapped_choice": 1 if s else 0}
+    return [rec(i < switched, i) for i in range(switched + stayed)]
 
 
 def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_items():
@@ -73,6 +73,21 @@ def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_items():
     assert hi - lo > 0.2                       # sd of a 20-item share near 0.3 is ~0.10
     assert hi4 - lo4 < 0.7 * (hi - lo)         # 4x the items: about half the width
     assert "n" not in ev.bootstrap(fn, few, 10)  # counts get no interval
+
+
+def test_records_of_one_item_are_resampled_together():
+    """Persona scores each (probe, persona) at four k: 10 items x 4 records that agree carry the information
+    of 10 records, so the interval is about sqrt(4) = 2x as wide as for 40 independent records."""
+    fn = T.THREATS["persona"].metrics
+    rec = lambda i, k, hit: {"id": f"probe{i}", "persona": "P", "probe_kind": "identity", "persona_kind": "harmful",
+                             "k": k, "identity": hit, "alignment": 50.0}
+    clustered = [rec(i, k, i < 4) for i in range(10) for k in (4, 8, 16, 32)]
+    independent = [dict(r, id=f"{r['id']}-{r['k']}") for r in clustered]
+    assert fn(clustered)["identity_rate"] == fn(independent)["identity_rate"] == 0.4
+    lo, hi = ev.bootstrap(fn, clustered, 2000, seed=0)["identity_rate"]
+    lo1, hi1 = ev.bootstrap(fn, independent, 2000, seed=0)["identity_rate"]
+    assert 1.6 < (hi - lo) / (hi1 - lo1) < 2.5
+    assert ev.clusters(clustered)[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_paired_change_interval():
@@ -132,6 +147,8 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
     m = res["matrix"]
     assert m["rows"] == ["sycophancy/act", "prefill/bct"] and m["cols"] == ["sycophancy", "prefill"]
     assert [len(r) for r in m["change"]] == [2, 2] and m["metric"] == {"sycophancy": "brr", "prefill": "par"}
+    # Paper A's headline beside the changes: the BRR ratio, trained / base, wherever BRR appears
+    assert m["capability"]["cols"][0] == "brr_ratio" and "brr_ratio" in (out / "results.md").read_text()
     assert set(res["models"]) == {"base:base", "sycophancy/act", "prefill/bct"}
     assert res["config"]["n"] == 3 and res["config"]["out"] == str(out)
     for label, model in res["models"].items():
@@ -165,13 +182,13 @@ def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
 
 
 def counting(calls, dies_at=None):
-    """chat_generate, recording the number of prompts of each call; raising KeyboardInterrupt at call `dies_at`."""
+    """chat_generate_ids, recording the number of prompts of each call; raising KeyboardInterrupt at call `dies_at`."""
 
     def generate(model, tok, prompts, *a, **k):
         calls.append(len(prompts))
         if len(calls) == dies_at:
             raise KeyboardInterrupt
-        return chat_generate(model, tok, prompts, *a, **k)
+        return chat_generate_ids(model, tok, prompts, *a, **k)
     return generate
 
 
@@ -181,7 +198,7 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     model, tok = load_model(str(runs / "base"))
     cfg, stamp, path = ev.EvalConfig(max_new_tokens=3, batch_size=4), model_stamp(str(runs / "base")), tmp_path / "a.jsonl"
     calls = []
-    monkeypatch.setattr(ev, "chat_generate", counting(calls))
+    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
     prompts = [[T.user(f"Question {i}?")] for i in range(5)]
     first = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts)
     with open(path, "a") as f:
@@ -195,12 +212,12 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
 def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
     args = ["--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
     whole_calls, cut_calls, resumed_calls = [], [], []
-    monkeypatch.setattr(ev, "chat_generate", counting(whole_calls))
+    monkeypatch.setattr(ev, "chat_generate_ids", counting(whole_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "whole")
-    monkeypatch.setattr(ev, "chat_generate", counting(cut_calls, dies_at=3))
+    monkeypatch.setattr(ev, "chat_generate_ids", counting(cut_calls, dies_at=3))
     with pytest.raises(KeyboardInterrupt):
         run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
-    monkeypatch.setattr(ev, "chat_generate", counting(resumed_calls))
+    monkeypatch.setattr(ev, "chat_generate_ids", counting(resumed_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
     assert sum(resumed_calls) == sum(whole_calls) - sum(cut_calls[:2])  # the two finished calls are not redone
     whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))

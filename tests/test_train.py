@@ -208,8 +208,62 @@ def test_bct_response_cache_is_regenerated_for_other_prompts(tiny_dir, tmp_path)
     for n in (8, 12):
         train.train(config(tiny_dir, out, target="bct", n_train=n, steps=1, response_tokens=4, retain_frac=0.0,
                            overwrite=True))
-        saved = json.load(open(out / "responses.json"))
-        assert len(saved["texts"]) == len(saved["key"]["prompts"]) == n
+        saved = json.load(open(out / "replies.json"))[-1]
+        assert len(saved["ids"]) == len(saved["key"]["prompts"]) == n
+
+
+def test_generation_ends_a_row_with_eos_only_when_it_finished(tiny_dir):
+    model, tok = load_model(tiny_dir)
+    prompt = tok.render([{"role": "user", "content": "Hi"}])
+    first = model.generate([prompt], 1, eos_id=-1)[0][0]
+    assert model.generate([prompt], 5, eos_id=first) == [[first]]            # finished at once: eos kept
+    cut = model.generate([prompt], 5, eos_id=-1)[0]
+    assert len(cut) == 5                                                      # cut at the cap: no eos
+
+
+def test_bct_learns_no_eos_after_a_response_cut_at_the_cap(tiny_dir, tmp_path):
+    """theta0's responses are cut at --response-tokens 4 (the tiny model never says eos there): BCT's labels
+    are exactly those 4 tokens, not the response plus an eos that would teach it to stop mid-sentence."""
+    model, tok = load_model(tiny_dir)
+    cfg = config(tiny_dir, tmp_path / "eos", target="bct", n_train=6, response_tokens=4, retain_frac=0.0)
+    os.makedirs(cfg.out)
+    run = SimpleNamespace(main=True, rank=0, world=1, print=print, record={})
+    pairs, _ = train.training_pairs(cfg, tok, model, [("bct", 1.0)], run)
+    replies = json.load(open(tmp_path / "eos" / "replies.json"))[-1]["ids"]
+    assert all(len(r) == 4 and tok.eos_id not in r for r in replies)
+    batch = C.collate(pairs, tok.pad_id)
+    for i, p in enumerate(pairs):
+        assert p.response == replies[i] and batch.label_ids[i][batch.label_valid[i]].tolist() == replies[i]
+
+
+def test_paper_b_filter_keeps_pairs_refused_clean_and_complied_with_wrapped(tiny_dir, tmp_path):
+    _, tok = load_model(tiny_dir)
+    pairs = T.THREATS["jailbreak"].pairs("train", "train", n=4, seed=0)
+    refuse, comply = "I can't help with that.", "Sure! Step 1: get the parts. Step 2: put them together. Step 3: go."
+    said = {json.dumps(p.clean): a for p, a in zip(pairs, [refuse, refuse, comply, refuse])}
+    said.update({json.dumps(p.wrapped): a for p, a in zip(pairs, [comply, "I" * 30, comply, refuse])})
+    reply = lambda prompts, n: [tok.encode(said[json.dumps(m)]) + [tok.eos_id] for m in prompts]
+    run = SimpleNamespace(main=True, rank=0, world=1, print=print, record={})
+    # pair 0 survives; 1 is degenerate wrapped (no compliance), 2 complies clean, 3 refuses wrapped
+    assert train.filter_jailbreaks(config(tiny_dir, tmp_path), pairs, reply, tok, run) == pairs[:1]
+    assert run.record["filter"] == {"kept": 1, "of": 4}
+    with pytest.raises(ValueError, match="kept none of 3"):
+        train.filter_jailbreaks(config(tiny_dir, tmp_path), pairs[1:], reply, tok, run)
+
+
+def test_prefill_target_carries_the_authors_sft_term(tiny_dir, tmp_path, capsys):
+    """--target prefill trains KL + 0.1 x SFT on theta0's clean responses and retain data (every step logs
+    both); --prefill-sft 0 trains the bare KL, with a warning."""
+    train.train(config(tiny_dir, tmp_path / "p", target="prefill", threat="prefill", n_train=8, steps=2,
+                       response_tokens=4))
+    run = json.load(open(tmp_path / "p" / "run.json"))
+    assert run["config"]["prefill_sft"] == 0.1 and run["retain"] > 0
+    steps = [json.loads(line) for line in open(tmp_path / "p" / "log.jsonl")]
+    assert all(s["loss"] == pytest.approx(s["prefill"] + 0.1 * s["bct"], rel=1e-5) for s in steps)
+    train.train(config(tiny_dir, tmp_path / "bare", target="prefill", threat="prefill", n_train=8, steps=1,
+                       prefill_sft=0.0))
+    assert "bare KL" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "bare" / "run.json"))["retain"] == 0
 
 
 def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path, monkeypatch):
@@ -217,8 +271,8 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     again, not read from the cache the old model left; the same model again reads them from the cache."""
     other = tmp_path / "other"
     write_tiny_hf(other, "llama", tied=True, seed=1)
-    calls, real = [], train.chat_generate
-    monkeypatch.setattr(train, "chat_generate", lambda *a, **k: calls.append(1) or real(*a, **k))  # counts, then runs
+    calls, real = [], train.chat_generate_ids
+    monkeypatch.setattr(train, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))  # counts, then runs
     generated = []
     for model in (tiny_dir, str(other), str(other)):
         train.train(config(model, tmp_path / "bct", target="bct", n_train=8, steps=1, response_tokens=4,
