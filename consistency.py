@@ -271,6 +271,8 @@ def parse_targets(spec: str) -> list[tuple[str, float]]:
             raise ValueError(f"bad weight {weight!r} for {name} in {spec!r}: write name:number, e.g. act:1e-4") from None
         if not w > 0 or w == float("inf"):
             raise ValueError(f"weight of {name} in {spec!r} must be a positive finite number, got {weight}")
+        if name in [n for n, _ in out]:
+            raise ValueError(f"{name} appears twice in {spec!r}: name each target once (act:2e-4 to weigh it)")
         out.append((name, w))
     return out
 

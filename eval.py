@@ -54,8 +54,8 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, chat_generate_ids, load_model, model_stamp, write_atomic
-from train import check_ranges, cli, make_folder, pyplot
+from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, write_atomic
+from train import CHECKPOINTS, check_ranges, cli, make_folder, pyplot
 
 
 @dataclass
@@ -334,12 +334,18 @@ def mechanism(model, base, tok, aligned, batch_size=4, bar=None):
 def read_run(path):
     """run.json of a train.py run folder, or None when there is none."""
     f = os.path.join(path, "run.json")
-    if not os.path.isfile(f):
+    if not os.path.exists(f):
         return None
     try:
-        return json.load(open(f))
+        run = json.load(open(f, encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e.msg}): the run did not finish writing it; rerun training") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{f} cannot be read ({getattr(e, 'strerror', None) or e}): fix its permissions or rerun "
+                         f"training") from None
+    if not isinstance(run, dict) or not isinstance(run.get("config", {}), dict):
+        raise ValueError(f"{f} is not a train.py run.json (no config object): pass a train.py run folder")
+    return run
 
 
 def resolve(model, ckpt):
@@ -405,6 +411,16 @@ class Row:
                 else len(threats), targets.index(first) if first in targets else len(targets), self.label)
 
 
+def load_finite(path):
+    """load_model, refusing weights that are not finite: a diverged run's answers would be scored as behaviour."""
+    model, tok = load_model(path)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): the run diverged; "
+                         f"evaluate an earlier checkpoint or retrain with a lower --lr")
+    return model, tok
+
+
 def rows_from(cfg) -> list[Row]:
     paths = [cfg.ckpt] if cfg.ckpt else [p for p in re.split(r"[,\s]+", cfg.matrix) if p]
     rows = []
@@ -461,7 +477,7 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
     """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its generate).
     Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped."""
     gen = Generator(model, tok, cfg, bar, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"),
-                    model_stamp(name_or_path))
+                    fingerprint(name_or_path))
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
     for name in threats:
         bar.set_description(f"{label}: {name}")
@@ -517,6 +533,9 @@ def run(cfg: EvalConfig):
     protected = {os.path.realpath(p) for r in rows for p in (r.path, r.base) if os.path.isdir(p)}
     if os.path.realpath(cfg.out) in protected:
         raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; pick another folder")
+    if set(os.path.realpath(cfg.out).split(os.sep)) & set(CHECKPOINTS):
+        raise ValueError(f"--out {cfg.out} lies inside a training checkpoint folder, which the next checkpoint swap "
+                         f"deletes: pick another folder")
     if cfg.gen_dtype not in ("fp32", "bf16"):
         raise ValueError(f"--gen-dtype {cfg.gen_dtype!r}: use fp32 or bf16")
     if cfg.threads:
@@ -531,7 +550,7 @@ def run(cfg: EvalConfig):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
-        base, tok = load_model(base_name)
+        base, tok = load_finite(base_name)
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name, threats_for(spec, base_name),
                                                        cfg, bar)
         result["models"][base_label] = {"path": base_name, **base_res}
@@ -543,7 +562,7 @@ def run(cfg: EvalConfig):
             mech[t] = result["mechanism"][key] = {
                 "pairs": len(aligned[t]), "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch, bar)}}
         for r in mine:
-            model, _ = load_model(r.path)
+            model, _ = load_finite(r.path)
             res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg, bar)
             result["models"][r.label] = {"path": r.path, **res}
             result["rows"].append({"label": r.label, "path": r.path, "base": base_label, "train_threat": r.train_threat,

@@ -23,7 +23,9 @@ matrix-vector products. model.compile_blocks() compiles the blocks for training 
 """
 
 import fnmatch
+import functools
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -81,7 +83,7 @@ class ModelConfig:
             raise ValueError(f"unsupported rope scaling {scaling}: only 'llama3' scaling is implemented")
         eos = c.get("eos_token_id", 2)
         n_head = c["num_attention_heads"]
-        return cls(
+        cfg = cls(
             vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head,
             n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
             d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
@@ -90,6 +92,13 @@ class ModelConfig:
             max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)), qk_norm=arch == "qwen3", arch=arch,
             bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "max_seq_len"):
+            if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < 1:
+                raise TypeError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+        for name in ("norm_eps", "rope_theta"):
+            if not isinstance(getattr(cfg, name), (int, float)) or isinstance(getattr(cfg, name), bool):
+                raise TypeError(f"{name} must be a number, got {getattr(cfg, name)!r}")
+        return cfg
 
     def to_hf(self) -> dict:
         arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.arch]
@@ -575,6 +584,11 @@ def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
 
     if field("general.architecture") != "llama":
         raise ValueError(f"{path}: GGUF architecture {field('general.architecture')!r} is not supported: only llama")
+    missing = [k for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id")
+               if k not in reader.fields]
+    if missing:
+        raise ValueError(f"{path}: the GGUF has no tokenizer ({missing[0]} missing): use a GGUF converted with its "
+                         f"tokenizer, or an HF folder")
     a = "llama."
     n_head = field(a + "attention.head_count")
     cfg = ModelConfig(
@@ -632,8 +646,11 @@ def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a model folder needs config.json, *.safetensors and tokenizer.json")
     try:
-        cfg = ModelConfig.from_hf(json.load(open(cfg_path)))
-    except (json.JSONDecodeError, KeyError) as e:
+        c = json.load(open(cfg_path))
+        if not isinstance(c, dict):
+            raise TypeError(f"a JSON object was expected, got {type(c).__name__}")
+        cfg = ModelConfig.from_hf(c)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): restore it from the source") from None
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not shards:
@@ -674,11 +691,31 @@ def download(repo_id: str) -> str:
                          f"the network, or pass a local folder") from None
 
 
-def model_stamp(name_or_path: str) -> list:
-    """What a cache of a model's outputs is valid for: its name and its weights' modification time (a run
-    folder trained again gets new weights under the same name)."""
-    weights = os.path.join(name_or_path, "model.safetensors")
-    return [name_or_path, os.path.getmtime(weights) if os.path.exists(weights) else 0]
+def fingerprint(name_or_path: str) -> str:
+    """A content hash of everything a model's outputs depend on: its weight files, config, tokenizer and chat
+    template (the GGUF holds all of them), or the repo id of a hub model not downloaded. Caches of a model's
+    outputs are keyed on it, so a retrained folder, a replaced file or another model never reads them."""
+    path = find_embedded_gguf() if name_or_path == EMBEDDED else name_or_path
+    if os.path.isdir(path):
+        files = sorted(f for pattern in ("*.safetensors", "*.gguf", "config.json", "tokenizer.json",
+                                         "tokenizer_config.json", "chat_template.jinja")
+                       for f in glob.glob(os.path.join(path, pattern)))
+    else:
+        files = [path] if os.path.isfile(path) else []
+    h = hashlib.sha256(name_or_path.encode() if not files else b"")
+    for f in files:
+        h.update(os.path.basename(f).encode() + file_hash(f, os.path.getsize(f), os.path.getmtime(f)).encode())
+    return h.hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=64)
+def file_hash(path, size, mtime):
+    """sha256 of a file's bytes (about a second for 0.5 GB), computed once per (path, size, mtime)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None = None):
@@ -708,8 +745,17 @@ def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None
 
 
 def write_atomic(path, write):
+    """write(tmp) then rename over `path`, each flushed to disk first: a crash or a power loss leaves the old
+    file or the new one, never a half-written or empty one under the name."""
     write(path + ".tmp")
+    with open(path + ".tmp", "rb") as f:
+        os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def dump_json(obj, path):

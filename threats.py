@@ -169,7 +169,13 @@ def load_jsonl(path, required_keys, check=None):
         raise FileNotFoundError(f"{path}: file not found; write it (one JSON object per line) or pass your file's path")
     unique = "id" if "id" in required_keys else "name" if "name" in required_keys else None
     rows, seen = [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -1400,9 +1406,14 @@ def main(argv=None):
                     help=f"print two example pairs of one threat: {', '.join(THREATS)}")
     ap.add_argument("--data", default=None, help=f"data folder (default {DATA_DIR})")
     args = ap.parse_args(argv)
+    if args.data and not Path(args.data).is_dir():
+        raise SystemExit(f"error: --data {args.data}: no such folder; pass a folder holding the data files")
     threats = make_threats(args.data)
     if args.show:
-        _show(threats[args.show])
+        try:
+            _show(threats[args.show])
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
         return
     head = f"{'threat':<12} {'items train/test':>16} {'families train/held-out':>24} {'pairs':>6}"
     print(head + "\n" + "-" * len(head))

@@ -285,8 +285,12 @@ class Tokenizer:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (base model?); format the prompt with encode instead")
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                     documents=None, **{k: self.decode([i]) for k, i in names.items() if i is not None})
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                         documents=None, **{k: self.decode([i]) for k, i in names.items() if i is not None})
+        except jinja2.exceptions.TemplateError as e:  # a syntax error, the sandbox, or the template's raise_exception
+            raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): fix the model's chat template "
+                             f"(chat_template.jinja or tokenizer_config.json), or pass messages it accepts") from None
 
     def render(self, messages, add_generation_prompt=True):
         return self.encode(self.render_text(messages, add_generation_prompt))

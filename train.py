@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, load_model, lora_disabled, model_stamp,
-                   save_model, write_atomic)
+from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint, load_model,
+                   lora_disabled, save_model, write_atomic)
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
@@ -116,6 +116,8 @@ def check_ranges(cfg, ranges):
     """A one-line error naming the first numeric flag outside its range; ranges: {field: (lowest, highest)}."""
     for name, (lo, hi) in ranges.items():
         value = getattr(cfg, name)
+        if not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: use a finite number")
         if value < lo or (hi is not None and value > hi):
             allowed = f"from {lo} to {hi}" if hi is not None else f"of {lo} or more"
             raise ValueError(f"--{name.replace('_', '-')} {value}: use a value {allowed}")
@@ -126,22 +128,72 @@ def make_folder(path, flag="--out"):
     at the end would lose the run."""
     try:
         os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{flag}: cannot make the folder {path} ({e.strerror}): pick a writable path") from None
+        raise ValueError(f"{flag}: cannot write to the folder {path} ({e.strerror}): pick a writable path") from None
+
+
+def lock_folder(path):
+    """Hold an exclusive lock on path/.lock for the life of the process, or stop with one line: two runs
+    writing one folder would interleave their logs and checkpoints."""
+    import fcntl
+    f = open(os.path.join(path, ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise ValueError(f"--out {path}: another run is writing to it; wait for it to end or pick another --out") from None
+    return f
+
+
+CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # the names save_checkpoint swaps through
+RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.png", "replies.json")
+
+
+def latest_checkpoint(out):
+    """(path, step) of the newest complete checkpoint among the swap's three names, or None. A crash between
+    the swap's two renames leaves only checkpoint.old/ and checkpoint.tmp/; step.json is written last, so a
+    folder holding it is complete."""
+    found = []
+    for name in CHECKPOINTS:
+        path = os.path.join(out, name)
+        try:
+            found.append((json.load(open(os.path.join(path, "step.json")))["step"], path))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return (max(found)[1], max(found)[0]) if found else None
 
 
 def check_out(cfg):
     """Refuse to start a run over the work in --out unless told what to do with it: losing a finished or
-    interrupted run to a rerun with the same default folder is the mistake this prevents."""
+    interrupted run to a rerun with the same default folder, or a model's weights to a run written over
+    them, is the mistake this prevents. Runs before any model is loaded."""
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
+    if os.path.isdir(cfg.model) and os.path.realpath(cfg.model) == os.path.realpath(cfg.out):
+        raise ValueError(f"--out {cfg.out} is the --model folder: training would write over the weights it starts "
+                         f"from; pick another --out")
+    ours = any(os.path.exists(os.path.join(cfg.out, f)) for f in ("run.json", "train_config.json"))
+    if os.path.exists(os.path.join(cfg.out, "model.safetensors")) and not ours:
+        raise ValueError(f"--out {cfg.out} holds model weights that train.py did not write: pick another --out")
     if cfg.resume or cfg.overwrite:
         return
-    if os.path.exists(os.path.join(cfg.out, "checkpoint", "train_state.pt")):
+    if latest_checkpoint(cfg.out):
         raise ValueError(f"{cfg.out} holds an interrupted run: pass --resume to continue it, --overwrite to start "
                          f"over, or another --out")
     if os.path.exists(os.path.join(cfg.out, "run.json")):
         raise ValueError(f"{cfg.out} holds a finished run: pass --overwrite to replace it, or another --out")
+
+
+def clear_out(out):
+    """--overwrite: remove what the old run wrote (its checkpoints, log, caches and results), so nothing of it
+    is read back or left to look current."""
+    for name in CHECKPOINTS:
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def pyplot():
@@ -269,7 +321,8 @@ def generator(model, tok, run, desc, theta0=False):
 def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
     """theta0's greedy replies as token ids (a finished one ends with eos), generated once and kept in the run
     folder (replies.json), keyed on the model, the prompts and the length cap."""
-    key = {"model": model_stamp(cfg.model), "prompts": prompts, "prefills": prefills, "tokens": n_tokens}
+    key = {"version": CACHE_VERSION, "model": fingerprint(cfg.model), "prompts": prompts, "prefills": prefills,
+           "tokens": n_tokens}
     cache = os.path.join(cfg.out, "replies.json")
     saved = json.load(open(cache)) if os.path.exists(cache) else []
     for entry in saved if isinstance(saved, list) else []:
@@ -294,11 +347,23 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
     return res["metrics"]
 
 
+CACHE_VERSION = 2   # bump when what a cache holds changes meaning (a judge, a metric, the reply format)
+# the code theta0's measured behaviour depends on: its judges and metrics, its generation, its tokenizer
+MEASURED_BY = [T.__file__] + [os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("model.py", "tokenizer.py")]
+
+
+def content_hash(paths):
+    return hashlib.sha256("".join(file_hash(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths).encode()
+                          ).hexdigest()[:20]
+
+
 def baseline(cfg, compute):
-    """theta0's metrics depend only on the model, the threat code, eval size and seed: compute them once and
-    keep them in runs/.baselines/, so comparing targets does not re-measure the same base model every run."""
-    key = json.dumps([*model_stamp(cfg.model), cfg.threat, hashlib.sha1(open(T.__file__, "rb").read()).hexdigest(),
-                      cfg.eval_n, cfg.seed])
+    """theta0's metrics depend only on the model's content, the threat's data files, the code that measures them
+    and the measurement's settings: compute them once and keep them in runs/.baselines/, keyed on all of it, so
+    comparing targets does not re-measure the same base model every run, and nothing stale is read back."""
+    threat = T.THREATS[cfg.threat]
+    key = json.dumps([CACHE_VERSION, fingerprint(cfg.model), cfg.threat, content_hash(MEASURED_BY),
+                      content_hash(sorted(map(str, threat.paths.values()))), threat.max_new_tokens, cfg.eval_n, cfg.seed])
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), ".baselines",
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.exists(path):
@@ -391,17 +456,30 @@ def sample_batch(cfg, step, micro, pairs, retain, run):
     return chosen[run.rank::run.world] + extra[run.rank::run.world]
 
 
+def check_finite(model, step, cfg):
+    """Refuse to save non-finite weights (a huge --lr can make them so without a NaN loss first)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        last = latest_checkpoint(cfg.out)
+        where = (f"the last finite checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr and --resume"
+                 if last else "no checkpoint was saved before it: rerun with a lower --lr")
+        raise FloatingPointError(f"{len(bad)} weight tensors are not finite after step {step} ({bad[0]}, ...); "
+                                 f"nothing was saved; {where}")
+
+
 def save_checkpoint(cfg, model, tok, opt, step, run):
-    """A resumable checkpoint: written into checkpoint.tmp/ and swapped in whole, so a crash mid-write
-    leaves the previous checkpoint intact."""
+    """A resumable checkpoint: written into checkpoint.tmp/ (step.json last) and swapped in whole, so a crash
+    mid-write, or between the swap's renames, leaves a complete checkpoint (latest_checkpoint finds it)."""
     if not run.main:
         return
+    check_finite(model, step, cfg)
     path = os.path.join(cfg.out, "checkpoint")
     shutil.rmtree(path + ".tmp", ignore_errors=True)
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     save_model(model, tok, path + ".tmp", extra={
         "train_state.pt": {"step": step, "trainable": trainable, "optimizer": opt.state_dict()},
-        "train_config.json": dataclasses.asdict(cfg)})
+        "train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model)},
+        "step.json": {"step": step}})
     shutil.rmtree(path + ".old", ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, path + ".old")
@@ -409,17 +487,37 @@ def save_checkpoint(cfg, model, tok, opt, step, run):
     shutil.rmtree(path + ".old", ignore_errors=True)
 
 
-def load_checkpoint(cfg, model, opt):
+def model_path(name):
+    """A --model as it names the same weights from any working directory."""
+    return os.path.realpath(name) if os.path.isdir(name) else name
+
+
+# settings a resumed run may change: none of them changes which batches the steps see
+RESUMABLE = ("lr", "warmup", "min_lr_frac", "grad_clip", "save_every", "eval_n", "log_all", "compile")
+
+
+def load_checkpoint(cfg, model, opt, run):
+    found = latest_checkpoint(cfg.out)
+    if not found:
+        raise ValueError(f"--resume: no checkpoint in {cfg.out}: start without --resume")
     path = os.path.join(cfg.out, "checkpoint")
-    if not os.path.exists(os.path.join(path, "train_state.pt")):
-        raise ValueError(f"--resume: no checkpoint in {path}: start without --resume")
+    if found[0] != path:  # a crash between the swap's renames: put the newest complete one back in place
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(found[0], path)
+    for name in CHECKPOINTS[1:]:
+        shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
     saved = json.load(open(os.path.join(path, "train_config.json")))
     mine = dataclasses.asdict(cfg)
-    # compiling changes how the steps run, not what they compute; resume/overwrite say how this run started
-    diff = [k for k in mine if k not in ("resume", "overwrite", "compile") and saved.get(k) != mine[k]]
+    # the folder is --out itself; the model is compared by where its weights are, not how it was spelled
+    same = lambda k: (saved.get("model_path") == model_path(cfg.model) if k == "model" else
+                      k in ("out", "resume", "overwrite") or saved.get(k) == mine[k])
+    diff = [k for k in mine if not same(k) and k not in RESUMABLE]
     if diff:
         raise ValueError(f"--resume: {path} was written with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
-                         f"rerun with the same flags or a new --out")
+                         f"rerun with the same flags (only {', '.join(RESUMABLE)} may change) or a new --out")
+    changed = [k for k in RESUMABLE if saved.get(k) != mine[k]]
+    if changed:
+        run.print("--resume with changed settings: " + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in changed))
     state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -476,6 +574,7 @@ def train(cfg: TrainConfig):
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
     check_out(cfg)
     make_folder(cfg.out)
+    run.lock = lock_folder(cfg.out) if run.main else None
     torch.manual_seed(cfg.seed)
 
     model, tok = load_model(cfg.model)
@@ -498,9 +597,9 @@ def train(cfg: TrainConfig):
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     threat = T.THREATS[cfg.threat]
 
-    start = load_checkpoint(cfg, model, opt) if cfg.resume else 0
-    if cfg.overwrite and run.main:  # or a later --resume would pick up the replaced run's state
-        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
+    start = load_checkpoint(cfg, model, opt, run) if cfg.resume else 0
+    if cfg.overwrite and run.main:  # or a later --resume, or a cache, would pick up the replaced run's state
+        clear_out(cfg.out)
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
     theta0 = model if cfg.lora_rank else frozen
@@ -538,9 +637,11 @@ def train(cfg: TrainConfig):
         run.average_grads(params)
         grad_norm = clip_grads(params, cfg.grad_clip)
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            raise FloatingPointError(f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopped before "
-                                     f"the update; the last good checkpoint is in {cfg.out}/checkpoint (lower --lr or "
-                                     f"the target weight, then --resume)")
+            last = latest_checkpoint(cfg.out)
+            where = (f"the last checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr (or target weight) "
+                     f"and --resume" if last else "no checkpoint was saved yet: rerun with a lower --lr or target weight")
+            raise FloatingPointError(f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopped "
+                                     f"before the update; {where}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1 - start
@@ -556,6 +657,7 @@ def train(cfg: TrainConfig):
             save_checkpoint(cfg, model, tok, opt, step + 1, run)
 
     model.eval()
+    check_finite(model, cfg.steps, cfg)
     after = measure(model, tok, threat, cfg, run, "after")
     wall = time.time() - t0
     if run.main:

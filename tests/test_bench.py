@@ -83,7 +83,7 @@ def test_bad_flags_are_refused_before_any_work(kw, msg):
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path):
     """The table is written at the end of an hour's run: a path it cannot go to must fail at the start."""
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ValueError, match="--out .*a_file/bench.json: cannot make the folder .*a_file "):
+    with pytest.raises(ValueError, match="--out .*a_file/bench.json: cannot write to the folder .*a_file "):
         bench.run(bench.BenchConfig(out=str(tmp_path / "a_file" / "bench.json")))
 
 

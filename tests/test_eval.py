@@ -14,7 +14,7 @@ import torch
 import eval as ev
 import threats as T
 from conftest import write_tiny_hf
-from model import chat_generate_ids, load_model, model_stamp
+from model import chat_generate_ids, fingerprint, load_model
 
 # ----------------------------------------------------------------------------- a fake multiple-choice model
 
@@ -196,7 +196,7 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     """A Generator with a file reads back what an earlier one wrote for the same model and settings (a line
     cut short by an interruption is dropped), and generates afresh for other settings."""
     model, tok = load_model(str(runs / "base"))
-    cfg, stamp, path = ev.EvalConfig(max_new_tokens=3, batch_size=4), model_stamp(str(runs / "base")), tmp_path / "a.jsonl"
+    cfg, stamp, path = ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")), tmp_path / "a.jsonl"
     calls = []
     monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
     prompts = [[T.user(f"Question {i}?")] for i in range(5)]
@@ -279,10 +279,35 @@ def test_perplexity_matches_transformers(runs):
     ([], "pass --ckpt DIR or --matrix"),
     (["--ckpt", "{ckpt}", "--gen-dtype", "fp16"], "--gen-dtype 'fp16'"),
     (["--ckpt", "{ckpt}", "--n", "0"], "--n 0: use a value of 1 or more"),
-    (["--ckpt", "{ckpt}", "--out", "{ckpt}/run.json/eval"], "--out: cannot make the folder"),
+    (["--ckpt", "{ckpt}", "--out", "{ckpt}/run.json/eval"], "--out: cannot write to the folder"),
+    (["--ckpt", "{ckpt}", "--out", "{ckpt}/checkpoint/eval"], "lies inside a training checkpoint folder"),
 ])
 def test_one_line_errors(runs, monkeypatch, args, message):
     args = [a.format(base=runs / "base", ckpt=runs / "act-sycophancy") for a in args]
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, *args)
     assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_unreadable_run_json_and_non_finite_weights_are_refused(runs, tmp_path, monkeypatch):
+    import shutil
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "act-sycophancy", broken)
+    (broken / "run.json").write_text('["not", "a", "run"]')
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", broken, "--base", runs / "base")
+    assert "is not a train.py run.json" in str(e.value.code)
+    (broken / "run.json").unlink()
+    (broken / "run.json").mkdir()                      # exists, cannot be read as a file
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", broken, "--base", runs / "base")
+    assert "run.json cannot be read" in str(e.value.code) and "\n" not in str(e.value.code)
+    nan = tmp_path / "nan"
+    shutil.copytree(runs / "act-sycophancy", nan)
+    state = load_file(nan / "model.safetensors")
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
+    save_file(state, nan / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", nan, "--threats", "sycophancy", "--n", "2", "--no-mechanism")
+    assert "weight tensors are not finite" in str(e.value.code) and "\n" not in str(e.value.code)

@@ -2,7 +2,9 @@
 GGUF, hand-built padding and no-cache generation, and the exact list of captured internals."""
 
 import copy
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -400,3 +402,44 @@ def test_compiled_blocks_keep_compiling_past_dynamos_default_limit(tiny):
                 assert counters["stats"]["unique_graphs"] > graphs, (grad, bf16, capture, pattern_rows)
                 tol = 2e-2 if bf16 else 1e-5
                 assert all(torch.allclose(ours[k].float(), eager[k].float(), atol=tol) for k in eager)
+
+
+@pytest.mark.parametrize("config,msg", [
+    ("[1, 2]", "a JSON object was expected, got list"),
+    ({"hidden_size": "64"}, "d_model must be a positive integer, got '64'"),
+    ({"num_hidden_layers": None}, "n_layer must be a positive integer, got None"),
+])
+def test_a_wrongly_typed_config_is_one_line(tmp_path, config, msg):
+    write_tiny_hf(tmp_path, "llama")
+    path = tmp_path / "config.json"
+    path.write_text(config if isinstance(config, str) else json.dumps({**json.loads(path.read_text()), **config}))
+    with pytest.raises(ValueError, match=re.escape(msg)) as e:
+        load_model(str(tmp_path))
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
+
+
+@pytest.mark.parametrize("template,msg", [
+    ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
+    ("{{ ''.__class__.__mro__ }}", "SecurityError"),
+    ("{{ raise_exception('System role not supported') }}", "System role not supported"),
+])
+def test_a_broken_or_refusing_chat_template_is_one_line(tmp_path, template, msg):
+    write_tiny_hf(tmp_path, "llama")
+    (tmp_path / "chat_template.jinja").write_text(template)
+    _, tok = load_model(str(tmp_path))
+    with pytest.raises(ValueError, match=msg) as e:
+        tok.render([{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value) and "chat template" in str(e.value)
+
+
+def test_a_gguf_without_a_tokenizer_is_one_line(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="the GGUF has no tokenizer .tokenizer.ggml.tokens missing.") as e:
+        load_model(str(tmp_path / "bare.gguf"))
+    assert "\n" not in str(e.value)

@@ -762,3 +762,12 @@ def test_real_requests_are_not_refusals():
     real("harmful.jsonl", "benign_lookalikes.jsonl", "benign_prompts.jsonl")
     jb = T.THREATS["jailbreak"]
     assert not any(T.is_refusal(r["request"]) for r in jb._rows("harmful") + jb._rows("benign"))
+
+
+def test_cli_missing_data_folder_and_non_utf8_file_are_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--data .*missing: no such folder"):
+        T.main(["--data", str(tmp_path / "missing")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"id": "a", "category": "c", "request": "fine"}\n{"id": "b", "category": "c", "request": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
+        T.load_jsonl(bad, ("id", "category", "request"))

@@ -111,8 +111,89 @@ def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
 
 def test_resume_mismatch_names_the_field(tiny_dir, tmp_path, monkeypatch):
     interrupted_run(config(tiny_dir, tmp_path / "m"), at_call=4, monkeypatch=monkeypatch)
-    with pytest.raises(ValueError, match="lr=0.001"):
-        train.train(config(tiny_dir, tmp_path / "m", lr=5e-4, resume=True))
+    with pytest.raises(ValueError, match="n_train=16"):
+        train.train(config(tiny_dir, tmp_path / "m", n_train=12, resume=True))
+
+
+def test_resume_takes_a_lower_lr_and_the_same_folders_spelled_otherwise(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The NaN guard's advice (a lower --lr, then --resume) works; --out and --model are compared as the
+    folders they name, so a trailing slash or another working directory does not refuse the resume."""
+    interrupted_run(config(tiny_dir, tmp_path / "m"), at_call=5, monkeypatch=monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    train.train(config(os.path.relpath(tiny_dir, tmp_path) + "/", "m/", lr=5e-4, resume=True))
+    assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert [r["lr"] for r in map(json.loads, open(tmp_path / "m" / "log.jsonl"))][-1] < 5e-4
+
+
+def swap_states(cut):
+    """The folder states a crash inside save_checkpoint's swap can leave, made by hand from a checkpoint."""
+    ck = lambda name: os.path.join(cut, name)
+    import shutil
+    def only_old_and_tmp():       # between the two renames
+        os.replace(ck("checkpoint"), ck("checkpoint.old"))
+        shutil.copytree(ck("checkpoint.old"), ck("checkpoint.tmp"))
+    def only_old():               # the same, with the new one lost
+        os.replace(ck("checkpoint"), ck("checkpoint.old"))
+    def half_written_tmp():       # killed while writing the new one: it has no step.json yet
+        shutil.copytree(ck("checkpoint"), ck("checkpoint.tmp"))
+        os.remove(os.path.join(ck("checkpoint.tmp"), "step.json"))
+        with open(os.path.join(ck("checkpoint.tmp"), "train_state.pt"), "wb") as f:
+            f.write(b"torn")
+    return [only_old_and_tmp, only_old, half_written_tmp]
+
+
+@pytest.mark.parametrize("state", range(3))
+def test_a_crash_inside_the_checkpoint_swap_resumes_from_the_newest_complete_one(tiny_dir, tmp_path, monkeypatch,
+                                                                                state):
+    import shutil
+    train.train(config(tiny_dir, tmp_path / "straight"))
+    interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
+    swap_states(str(tmp_path / "cut"))[state]()
+    assert not os.path.exists(tmp_path / "cut" / "checkpoint" / "step.json") or state == 2
+    with pytest.raises(ValueError, match="holds an interrupted run"):
+        train.train(config(tiny_dir, tmp_path / "cut"))
+    train.train(config(tiny_dir, tmp_path / "cut", resume=True))
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(os.path.exists(tmp_path / "cut" / n) for n in ("checkpoint.old", "checkpoint.tmp"))
+    shutil.rmtree(tmp_path / "straight")
+
+
+def test_out_may_not_be_the_model_or_hold_weights_train_did_not_write(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="is the --model folder"):
+        train.train(config(tiny_dir, tiny_dir + "/", overwrite=True))
+    other = tmp_path / "other"
+    write_tiny_hf(other, "llama", tied=True, seed=1)
+    before = (other / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds model weights that train.py did not write"):
+        train.train(config(tiny_dir, other, overwrite=True))
+    assert (other / "model.safetensors").read_bytes() == before
+
+
+def test_two_runs_into_one_folder_are_refused(tiny_dir, tmp_path):
+    os.makedirs(tmp_path / "busy")
+    held = train.lock_folder(str(tmp_path / "busy"))
+    with pytest.raises(ValueError, match="another run is writing to it"):
+        train.train(config(tiny_dir, tmp_path / "busy"))
+    held.close()
+    train.train(config(tiny_dir, tmp_path / "busy", steps=1))
+
+
+def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
+    """A step that leaves weights non-finite without a NaN loss (a huge lr) is stopped before any save."""
+    real = torch.optim.AdamW.step
+
+    def blows_up(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.state and next(iter(self.state.values()))["step"] == 3:  # right before the step-3 save
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blows_up)
+    with pytest.raises(FloatingPointError, match="not finite after step 3.*nothing was saved; no checkpoint"):
+        train.train(config(tiny_dir, tmp_path / "inf"))
+    assert train.latest_checkpoint(str(tmp_path / "inf")) is None
 
 
 @pytest.mark.parametrize("poison,msg", [
@@ -132,7 +213,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(ti
     monkeypatch.setattr(C, "consistency_loss", goes_bad)
     with pytest.raises(FloatingPointError, match=msg) as e:
         train.train(config(tiny_dir, tmp_path / "n"))
-    assert "last good checkpoint" in str(e.value)
+    assert "the last checkpoint is" in str(e.value) and "checkpoint (step 3)" in str(e.value)
     state = torch.load(tmp_path / "n" / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["trainable"].values())
@@ -166,6 +247,9 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
                                     (dict(steps=0), "--steps 0: use a value of 1 or more"),
                                     (dict(batch_size=0), "--batch-size 0: use a value of 1 or more"),
                                     (dict(retain_frac=1.5), "--retain-frac 1.5: use a value from 0 to 1"),
+                                    (dict(lr=float("inf")), "--lr inf: use a finite number"),
+                                    (dict(min_lr_frac=float("nan")), "--min-lr-frac nan: use a finite number"),
+                                    (dict(target="act+act"), "act appears twice"),
                                     (dict(resume=True, overwrite=True), "pass one of them")])
 def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg) as e:
@@ -176,7 +260,7 @@ def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
 
 def test_an_out_that_cannot_be_made_is_one_line(tiny_dir, tmp_path):
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(ValueError, match="--out: cannot make the folder .*a_file/run .Not a directory."):
+    with pytest.raises(ValueError, match="--out: cannot write to the folder .*a_file/run .Not a directory."):
         train.train(config(tiny_dir, tmp_path / "a_file" / "run"))
 
 
@@ -267,18 +351,32 @@ def test_prefill_target_carries_the_authors_sft_term(tiny_dir, tmp_path, capsys)
 
 
 def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path, monkeypatch):
-    """Same prompts, another model (a rerun with --overwrite and a new --model): theta0's responses are generated
-    again, not read from the cache the old model left; the same model again reads them from the cache."""
-    other = tmp_path / "other"
-    write_tiny_hf(other, "llama", tied=True, seed=1)
+    """theta0's replies are keyed on the model's content: the same model and prompts read them back; another
+    model, or the same folder retrained in place (new weights under the same name), generates them again."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
     calls, real = [], train.chat_generate_ids
     monkeypatch.setattr(train, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))  # counts, then runs
-    generated = []
-    for model in (tiny_dir, str(other), str(other)):
-        train.train(config(model, tmp_path / "bct", target="bct", n_train=8, steps=1, response_tokens=4,
-                           retain_frac=0.0, overwrite=True))
-        generated.append(len(calls))
-    assert generated == [1, 2, 2]
+    cfg = config(str(model), tmp_path / "bct")
+    os.makedirs(cfg.out)
+    theta0, tok = load_model(str(model))
+    run = SimpleNamespace(main=True)
+    prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name a colour."}]]
+    first = train.replies(cfg, theta0, tok, run, prompts, 4)
+    assert train.replies(cfg, theta0, tok, run, prompts, 4) == first and len(calls) == 1
+    write_tiny_hf(model, "llama", tied=True, seed=1)                        # retrained in place
+    train.replies(cfg, theta0, tok, run, prompts, 4)
+    assert len(calls) == 2
+    train.replies(config(tiny_dir, tmp_path / "bct"), theta0, tok, run, prompts, 4)   # the first content again: a hit
+    assert len(calls) == 2
+    write_tiny_hf(tmp_path / "other", "llama", tied=True, seed=2)
+    train.replies(config(str(tmp_path / "other"), tmp_path / "bct"), theta0, tok, run, prompts, 4)   # another model
+    assert len(calls) == 3
+    # --overwrite starts over: nothing of the old run's cache is read back
+    train.train(config(tiny_dir, tmp_path / "bct", target="bct", n_train=8, steps=1, response_tokens=4,
+                       retain_frac=0.0, overwrite=True))
+    assert len(calls) == 4
 
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
@@ -348,3 +446,30 @@ def test_two_process_gloo_matches_one_process(tiny_dir, tmp_path, extra):
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir, tmp_path, monkeypatch):
+    """theta0's before-metrics are keyed on the model's content, the data, the template and the settings: each
+    change in turn is a miss; the same inputs again are a hit."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    data = tmp_path / "data"
+    shutil.copytree(T.DATA_DIR, data)
+    threat = T.SycophancyThreat(data)
+    monkeypatch.setitem(T.THREATS, "sycophancy", threat)
+    cfg = config(str(model), tmp_path / "runs" / "x", eval_n=3)
+    calls = []
+    measure = lambda: calls.append(1) or {"brr": float(len(calls))}
+    assert train.baseline(cfg, measure) == {"brr": 1.0}
+    assert train.baseline(cfg, measure) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
+    changes = [
+        lambda: (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"),
+        lambda: (data / "sycophancy_facts.jsonl").write_text((data / "sycophancy_facts.jsonl").read_text()[:-200] + "\n"),
+        lambda: (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}"),
+        lambda: setattr(cfg, "eval_n", 4),
+        lambda: setattr(cfg, "seed", 1),
+    ]
+    for i, change in enumerate(changes, 2):
+        change()
+        assert train.baseline(cfg, measure) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
