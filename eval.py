@@ -590,10 +590,11 @@ def matrix(result):
                       for r in result["rows"] if t in r["evaluated"]) for t in cols}
     cells = [[row["changes"].get(t, {}).get(metric[t], nan) if t in row["evaluated"] else nan for t in cols]
              for row in result["rows"]]
-    # beside the capability columns: the BRR ratio (trained / base), Paper A's headline for sycophancy
-    caps = (["brr_ratio"] if "sycophancy" in cols else []) + ["clean_accuracy", "benign_refusal_rate", "perplexity"]
-    group = lambda k: "sycophancy" if k == "brr_ratio" else "capability"
-    cap = [[row["changes"].get(group(k), {}).get(k, nan) for k in caps] for row in result["rows"]]
+    # beside the capability columns: the BRR ratio (trained / base), Paper A's headline for sycophancy, and the
+    # degenerate rates beside ASR and PAR, so a collapsed model never reads as a robust one
+    side = {"brr_ratio": "sycophancy", "degenerate_rate": "jailbreak", "prefilled_degenerate_rate": "prefill"}
+    caps = [k for k, t in side.items() if t in cols] + ["clean_accuracy", "benign_refusal_rate", "perplexity"]
+    cap = [[row["changes"].get(side.get(k, "capability"), {}).get(k, nan) for k in caps] for row in result["rows"]]
     split = lambda cells: {"change": [[c[0] for c in r] for r in cells], "lo": [[c[1] for c in r] for r in cells],
                            "hi": [[c[2] for c in r] for r in cells]}
     return {"rows": [row["label"] for row in result["rows"]], "cols": cols, "metric": metric, **split(cells),

@@ -42,14 +42,16 @@ ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
 
 # (lr, LoRA rank, LoRA targets) used where --lr / --lora-rank / --lora-targets are left unset, picked on
-# the embedded model's sycophancy runs (README; on the same held-out items they are reported on, there
+# the embedded model's sycophancy runs (LOG.md; on the same held-out items they were reported on, there
 # being no separate validation split): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5
 # did not; ACT moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the
 # attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice)
-# kept accuracy where full fine-tuning lost 3.3 points. A combination takes its first target's recipe.
+# kept accuracy where full fine-tuning lost 3.3 points. prefill at 3e-5 collapsed the refusal organism
+# by step 15 (its SFT term rose tenfold; LOG.md), so it trains at a third of that. A combination takes its
+# first target's recipe.
 QKVO = "q_proj,k_proj,v_proj,o_proj"
 RECIPES = {"act": (3e-4, 8, QKVO), "attct": (1e-3, 8, "q_proj,v_proj"), "bct": (3e-5, 0, QKVO),
-           "mlpct": (3e-5, 0, QKVO), "prefill": (3e-5, 0, QKVO), "organism": (1e-4, 0, QKVO)}
+           "mlpct": (3e-5, 0, QKVO), "prefill": (1e-5, 0, QKVO), "organism": (1e-4, 0, QKVO)}
 
 
 @dataclass
@@ -389,7 +391,8 @@ def filter_jailbreaks(cfg, pairs, reply, tok, run):
     """Paper B's filter: the pairs theta0 refuses clean and complies with wrapped (refusal_judge)."""
     judge = T.THREATS["jailbreak"].judge
     n = T.THREATS["jailbreak"].max_new_tokens
-    clean = dict(zip((p.content for p in pairs), reply([p.clean for p in pairs], n)))
+    requests = list(dict.fromkeys(p.content for p in pairs))   # an item recurs under other wrappers: ask it once
+    clean = dict(zip(requests, reply([[T.user(r)] for r in requests], n)))
     wrapped = reply([p.wrapped for p in pairs], n)
     text = lambda ids: tok.decode(ids[:-1] if ids and ids[-1] == tok.eos_id else ids)
     kept = [p for p, w in zip(pairs, wrapped) if judge(p.content, text(clean[p.content])) == T.REFUSED

@@ -148,7 +148,8 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
     assert m["rows"] == ["sycophancy/act", "prefill/bct"] and m["cols"] == ["sycophancy", "prefill"]
     assert [len(r) for r in m["change"]] == [2, 2] and m["metric"] == {"sycophancy": "brr", "prefill": "par"}
     # Paper A's headline beside the changes: the BRR ratio, trained / base, wherever BRR appears
-    assert m["capability"]["cols"][0] == "brr_ratio" and "brr_ratio" in (out / "results.md").read_text()
+    assert m["capability"]["cols"][:2] == ["brr_ratio", "prefilled_degenerate_rate"]
+    assert "brr_ratio" in (out / "results.md").read_text()
     assert set(res["models"]) == {"base:base", "sycophancy/act", "prefill/bct"}
     assert res["config"]["n"] == 3 and res["config"]["out"] == str(out)
     for label, model in res["models"].items():
