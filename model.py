@@ -696,6 +696,12 @@ def fingerprint(name_or_path: str) -> str:
     template (the GGUF holds all of them), or the repo id of a hub model not downloaded. Caches of a model's
     outputs are keyed on it, so a retrained folder, a replaced file or another model never reads them."""
     path = find_embedded_gguf() if name_or_path == EMBEDDED else name_or_path
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        from huggingface_hub import snapshot_download
+        try:  # a hub model already downloaded: its files, as load_model reads them
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja"], local_files_only=True)
+        except Exception:
+            pass
     if os.path.isdir(path):
         files = sorted(f for pattern in ("*.safetensors", "*.gguf", "config.json", "tokenizer.json",
                                          "tokenizer_config.json", "chat_template.jinja")

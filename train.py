@@ -150,7 +150,8 @@ def lock_folder(path):
 
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # the names save_checkpoint swaps through
-RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.png", "replies.json")
+RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.png", "replies.json", "model.safetensors",
+             "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def latest_checkpoint(out):
@@ -191,7 +192,7 @@ def check_out(cfg):
 def clear_out(out):
     """--overwrite: remove what the old run wrote (its checkpoints, log, caches and results), so nothing of it
     is read back or left to look current."""
-    for name in CHECKPOINTS:
+    for name in CHECKPOINTS + ("eval",):  # eval/: eval.py's results on the old weights
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     for name in RUN_FILES:
         if os.path.exists(os.path.join(out, name)):
@@ -481,7 +482,8 @@ def save_checkpoint(cfg, model, tok, opt, step, run):
     trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     save_model(model, tok, path + ".tmp", extra={
         "train_state.pt": {"step": step, "trainable": trainable, "optimizer": opt.state_dict()},
-        "train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model)},
+        "train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model),
+                                                        "model_fingerprint": fingerprint(cfg.model)},
         "step.json": {"step": step}})
     shutil.rmtree(path + ".old", ignore_errors=True)
     if os.path.exists(path):
@@ -515,6 +517,9 @@ def load_checkpoint(cfg, model, opt, run):
     same = lambda k: (saved.get("model_path") == model_path(cfg.model) if k == "model" else
                       k in ("out", "resume", "overwrite") or saved.get(k) == mine[k])
     diff = [k for k in mine if not same(k) and k not in RESUMABLE]
+    if not diff and saved.get("model_fingerprint") != fingerprint(cfg.model):
+        raise ValueError(f"--resume: the weights in --model {cfg.model} changed since {path} was written: resume with "
+                         f"the model it started from, or start over with --overwrite")
     if diff:
         raise ValueError(f"--resume: {path} was written with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
                          f"rerun with the same flags (only {', '.join(RESUMABLE)} may change) or a new --out")

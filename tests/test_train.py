@@ -273,8 +273,11 @@ def test_a_folder_holding_a_run_is_not_started_over(tiny_dir, tmp_path, monkeypa
     with pytest.raises(ValueError, match="holds a finished run: pass --overwrite"):
         train.train(config(tiny_dir, out, steps=2))
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == files
+    (out / "eval").mkdir()
+    (out / "eval" / "results.md").write_text("scores of the old weights")
     train.train(config(tiny_dir, out, steps=3, overwrite=True))
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [0, 1, 2]
+    assert not (out / "eval").exists()                  # nothing of the replaced run is left to look current
     interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match="holds an interrupted run: pass --resume"):
         train.train(config(tiny_dir, tmp_path / "cut"))
@@ -473,3 +476,26 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     for i, change in enumerate(changes, 2):
         change()
         assert train.baseline(cfg, measure) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch):
+    """A read-only folder (as root, chmod does not stop writes: the refusal to write is simulated at open)."""
+    import builtins
+    real = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if ".write-test-" in str(f) else real(f, *a, **k))
+    loads = []
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(1))
+    with pytest.raises(ValueError, match="--out: cannot write to the folder .*ro .Permission denied.: pick a writable"):
+        train.train(config(tiny_dir, tmp_path / "ro"))
+    assert not loads                                                    # before the model was loaded
+
+
+def test_resume_refuses_a_model_whose_weights_changed(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    interrupted_run(config(str(model), tmp_path / "r"), at_call=5, monkeypatch=monkeypatch)
+    write_tiny_hf(model, "llama", tied=True, seed=3)
+    with pytest.raises(ValueError, match="the weights in --model .* changed since"):
+        train.train(config(str(model), tmp_path / "r", resume=True))
