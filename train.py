@@ -46,12 +46,12 @@ ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prom
 # being no separate validation split): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5
 # did not; ACT moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the
 # attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice)
-# kept accuracy where full fine-tuning lost 3.3 points. prefill at 3e-5 collapsed the refusal organism
-# by step 15 (its SFT term rose tenfold; LOG.md), so it trains at a third of that. A combination takes its
-# first target's recipe.
+# kept accuracy where full fine-tuning lost 3.3 points. prefill on the refusal organism (LOG.md): 3e-5
+# collapsed it by step 15, 1e-5 refused 93% of benign questions, 3e-6 kept clean refusals and cut PAR
+# 0.57 -> 0.39 at a cost of 13 points of accuracy. A combination takes its first target's recipe.
 QKVO = "q_proj,k_proj,v_proj,o_proj"
 RECIPES = {"act": (3e-4, 8, QKVO), "attct": (1e-3, 8, "q_proj,v_proj"), "bct": (3e-5, 0, QKVO),
-           "mlpct": (3e-5, 0, QKVO), "prefill": (1e-5, 0, QKVO), "organism": (1e-4, 0, QKVO)}
+           "mlpct": (3e-5, 0, QKVO), "prefill": (3e-6, 0, QKVO), "organism": (1e-4, 0, QKVO)}
 
 
 @dataclass
@@ -81,8 +81,9 @@ class TrainConfig:
     full_sequence_loss: bool = False # bct: loss on prompt tokens too (Chua et al.), not only the response
     response_tokens: int = 48        # cap on theta0's cached clean responses (bct, the prefill SFT term); a response
                                      # cut there is trained without eos, so BCT never learns to stop mid-sentence
-    prefill_sft: float = 0.1         # prefill: weight of SFT on theta0's clean responses and retain data, the authors'
-                                     # term "to prevent both distributions collapsing"; 0 = the bare KL (collapses)
+    prefill_sft: float = 1.0         # prefill: weight of SFT on theta0's clean responses and retain data, the authors'
+                                     # term "to prevent both distributions collapsing" (theirs: 0.1, which left 16% of
+                                     # the organism's clean answers looping; LOG.md); 0 = the bare KL
     filter: bool = True              # jailbreak: train only on pairs theta0 refuses clean and complies with wrapped
                                      # (Paper B); --no-filter keeps every pair
     eval_n: int = 89                 # held-out items for the before/after measurement (0: skip)
@@ -568,7 +569,7 @@ def train(cfg: TrainConfig):
         cfg.prefill_sft = 0.0  # bct, named, is the SFT term
     if "prefill" in names and not cfg.prefill_sft and "bct" not in names:
         run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into answering "
-                  "'IIII...' to everything; the authors add 0.1 x SFT on refusals (the default)")
+                  "'IIII...' to everything; the authors add 0.1 x SFT on refusals (this project: 1.0, LOG.md)")
     if "bct" in names or ("prefill" in names and cfg.prefill_sft):
         cfg.anchor_frac = 0.0  # the SFT term mixes in retain data instead
     else:

@@ -339,10 +339,10 @@ def test_paper_b_filter_keeps_pairs_refused_clean_and_complied_with_wrapped(tiny
 
 
 def test_prefill_target_carries_the_authors_sft_term(tiny_dir, tmp_path, capsys):
-    """--target prefill trains KL + 0.1 x SFT on theta0's clean responses and retain data (every step logs
-    both); --prefill-sft 0 trains the bare KL, with a warning."""
+    """--target prefill trains KL + SFT on theta0's clean responses and retain data (every step logs both; the
+    authors' weight is --prefill-sft 0.1); --prefill-sft 0 trains the bare KL, with a warning."""
     train.train(config(tiny_dir, tmp_path / "p", target="prefill", threat="prefill", n_train=8, steps=2,
-                       response_tokens=4))
+                       response_tokens=4, prefill_sft=0.1))
     run = json.load(open(tmp_path / "p" / "run.json"))
     assert run["config"]["prefill_sft"] == 0.1 and run["retain"] > 0
     steps = [json.loads(line) for line in open(tmp_path / "p" / "log.jsonl")]
