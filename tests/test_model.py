@@ -443,3 +443,28 @@ def test_a_gguf_without_a_tokenizer_is_one_line(tmp_path):
     with pytest.raises(ValueError, match="the GGUF has no tokenizer .tokenizer.ggml.tokens missing.") as e:
         load_model(str(tmp_path / "bare.gguf"))
     assert "\n" not in str(e.value)
+
+
+def test_fingerprint_follows_content_of_gguf_files_and_sharded_folders(tmp_path):
+    """Caches are keyed on model.fingerprint: it must change when any weight shard or a GGUF file changes, and
+    not when a folder is only renamed."""
+    from safetensors.torch import load_file, save_file
+    from model import fingerprint
+    write_tiny_hf(tmp_path / "m", "llama")
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    names = sorted(state)
+    (tmp_path / "m" / "model.safetensors").unlink()
+    save_file({k: state[k] for k in names[:5]}, tmp_path / "m" / "model-00001-of-00002.safetensors")
+    save_file({k: state[k] for k in names[5:]}, tmp_path / "m" / "model-00002-of-00002.safetensors")
+    before = fingerprint(str(tmp_path / "m"))
+    os.rename(tmp_path / "m", tmp_path / "renamed")
+    assert fingerprint(str(tmp_path / "renamed")) == before
+    second = {k: state[k].clone() for k in names[5:]}
+    second[names[-1]][0] += 1
+    save_file(second, tmp_path / "renamed" / "model-00002-of-00002.safetensors")
+    assert fingerprint(str(tmp_path / "renamed")) != before
+    gguf = tmp_path / "x.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    first = fingerprint(str(gguf))
+    gguf.write_bytes(b"GGUF" + bytes(63) + b"\1")
+    assert fingerprint(str(gguf)) != first
