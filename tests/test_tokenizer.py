@@ -8,7 +8,6 @@ import random
 import sys
 import unicodedata
 
-import jinja2
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -307,8 +306,9 @@ def test_from_dir_tiny(tmp_path, regex, nfc, ignore_merges):
     assert tok.render_text(chat) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
                                      "<|im_start|>assistant\n")
     assert tok.render(chat, add_generation_prompt=False) == tok.encode(tok.render_text(chat, False))
-    with pytest.raises(jinja2.TemplateError, match="unknown role tool"):
+    with pytest.raises(ValueError, match="unknown role tool") as e:   # the template's raise_exception, in one line
         tok.render_text([{"role": "tool", "content": "x"}])
+    assert "\n" not in str(e.value)
     out = tmp_path / "saved"
     out.mkdir()
     tok.save(out)
