@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, write_atomic
+from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
 from train import CHECKPOINTS, check_ranges, cli, make_folder, pyplot
 
 
@@ -207,8 +207,7 @@ class Generator:
             self.file = open(path, "a", encoding="utf-8")
 
     def __call__(self, prompts, prefills=None, max_new_tokens=48):
-        eos = self.tok.eos_id
-        return [self.tok.decode(r[:-1] if r[-1:] == [eos] else r) for r in self.ids(prompts, prefills, max_new_tokens)]
+        return [reply_text(self.tok, r) for r in self.ids(prompts, prefills, max_new_tokens)]
 
     def ids(self, prompts, prefills=None, max_new_tokens=48):
         """The answers as token ids: a finished one ends with eos (chat_generate_ids)."""
@@ -414,7 +413,7 @@ class Row:
 def load_finite(path):
     """load_model, refusing weights that are not finite: a diverged run's answers would be scored as behaviour."""
     model, tok = load_model(path)
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite(model)
     if bad:
         raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): the run diverged; "
                          f"evaluate an earlier checkpoint or retrain with a lower --lr")

@@ -470,11 +470,21 @@ def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dic
     return out
 
 
+def reply_text(tok: Tokenizer, ids: list[int]) -> str:
+    """A generated reply's text, without the eos that ends a finished one."""
+    return tok.decode(ids[:-1] if ids[-1:] == [tok.eos_id] else ids)
+
+
 def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
                   max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[str]:
     """chat_generate_ids as text, without the eos."""
-    rows = chat_generate_ids(model, tok, prompts, prefills, max_new_tokens, batch_size, progress)
-    return [tok.decode(r[:-1] if r and r[-1] == tok.eos_id else r) for r in rows]
+    return [reply_text(tok, r) for r in chat_generate_ids(model, tok, prompts, prefills, max_new_tokens, batch_size,
+                                                          progress)]
+
+
+def non_finite(model: nn.Module) -> list[str]:
+    """Names of the parameters holding a NaN or an inf: such weights are never saved nor evaluated."""
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
 
 
 # ----------------------------------------------------------------------------- LoRA

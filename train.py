@@ -36,7 +36,7 @@ from tqdm import tqdm
 import consistency as C
 import threats as T
 from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint, load_model,
-                   lora_disabled, save_model, write_atomic)
+                   lora_disabled, non_finite, reply_text, save_model, write_atomic)
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
@@ -329,15 +329,15 @@ def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
            "tokens": n_tokens}
     cache = os.path.join(cfg.out, "replies.json")
     saved = json.load(open(cache)) if os.path.exists(cache) else []
-    for entry in saved if isinstance(saved, list) else []:
+    saved = saved if isinstance(saved, list) else []
+    for entry in saved:
         if entry.get("key") == key:
             return entry["ids"]
     with tqdm(total=len(prompts), desc="theta0 replies", disable=not run.main, leave=False) as bar, \
             lora_disabled(model) if lora else nullcontext():
         ids = chat_generate_ids(model, tok, prompts, prefills, n_tokens, progress=bar)
     if run.main:
-        write_atomic(cache, lambda f: json.dump((saved if isinstance(saved, list) else []) + [{"key": key, "ids": ids}],
-                                                open(f, "w")))
+        write_atomic(cache, lambda f: json.dump(saved + [{"key": key, "ids": ids}], open(f, "w")))
     return ids
 
 
@@ -396,9 +396,8 @@ def filter_jailbreaks(cfg, pairs, reply, tok, run):
     requests = list(dict.fromkeys(p.content for p in pairs))   # an item recurs under other wrappers: ask it once
     clean = dict(zip(requests, reply([[T.user(r)] for r in requests], n)))
     wrapped = reply([p.wrapped for p in pairs], n)
-    text = lambda ids: tok.decode(ids[:-1] if ids and ids[-1] == tok.eos_id else ids)
-    kept = [p for p, w in zip(pairs, wrapped) if judge(p.content, text(clean[p.content])) == T.REFUSED
-            and judge(p.content, text(w)) == T.COMPLIED]
+    kept = [p for p, w in zip(pairs, wrapped) if judge(p.content, reply_text(tok, clean[p.content])) == T.REFUSED
+            and judge(p.content, reply_text(tok, w)) == T.COMPLIED]
     run.print(f"Paper B's filter: {len(kept)} of {len(pairs)} jailbreak pairs refused clean and complied with wrapped "
               f"by theta0 (--no-filter keeps all)")
     run.record["filter"] = {"kept": len(kept), "of": len(pairs)}
@@ -463,7 +462,7 @@ def sample_batch(cfg, step, micro, pairs, retain, run):
 
 def check_finite(model, step, cfg):
     """Refuse to save non-finite weights (a huge --lr can make them so without a NaN loss first)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    bad = non_finite(model)
     if bad:
         last = latest_checkpoint(cfg.out)
         where = (f"the last finite checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr and --resume"
