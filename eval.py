@@ -12,9 +12,11 @@ cross-objective table).
 Every flag is a field of EvalConfig (python eval.py --help lists them). Evaluation never trains: models run in
 eval mode under no_grad (generation, perplexity, the mechanism passes).
 
-Held-out items under held-out wrappers, greedy answers, batched with the KV cache. Each model is scored on:
+Test items under held-out wrappers (train.py's table reads the validation split), greedy answers, batched with
+the KV cache. Each model is scored on:
     threats      every threat's metrics (threats.py), each with a bootstrap 95% interval over its items: records
-                 that share an item (persona scores one probe and persona at every k) are resampled together
+                 that share an item (persona scores one probe and persona at every k, sycophancy asks a
+                 question in every format) are resampled together; sycophancy also per format and placement
     capability   clean_accuracy (sycophancy questions, no cue), perplexity (data/heldout_text.txt),
                  benign_refusal_rate (over-refusal on benign look-alike requests)
     mechanism    all targets' losses (bct, act, mlpct, attct, and prefill on prefill pairs) of the model against
@@ -483,6 +485,9 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
         res["threats"][name], records = score_threat(T.THREATS[name], gen, cfg.n, cfg.seed, cfg.boot)
         recs[name] = (records, T.THREATS[name].metrics)
         save_records(cfg.out, label, name, records)
+        if T.mix(records):
+            res["threats"][name]["mix"] = T.mix(records)
+            bar.write(f"{label}: {name} test records by {T.mix(records)}")
     bar.set_description(f"{label}: capability")
     for name, (r, records, fn) in capability(model, tok, gen, cfg, bar).items():
         res["capability"]["metrics"].update(r["metrics"])
@@ -631,7 +636,7 @@ def comparison_table(title, base, trained, change, n=None):
               f"{fmt(trained['metrics'].get(k), trained['ci'].get(k))} | {change_cell(change.get(k))} |" for k in keys]
     lines += [f"| {k}_ratio (trained / base) | | | {change_cell(change[k + '_ratio'], ratio=True)} |"
               for k in keys if k + "_ratio" in change]
-    return "\n".join(lines + ([f"\nn = {n} items"] if n else []) + [""])
+    return "\n".join(lines + ([f"\nn = {n} records"] if n else []) + [""])
 
 
 def matrix_table(m):
@@ -655,7 +660,7 @@ def mechanism_table(mech):
 
 def report(result, cfg, images):
     md = [f"# Evaluation: {cfg.ckpt or 'matrix of ' + str(len(result['rows'])) + ' checkpoints'}", "",
-          f"Held-out items, held-out wrappers, greedy answers of <= {cfg.max_new_tokens} tokens; 95% bootstrap "
+          f"Test items, held-out wrappers, greedy answers of <= {cfg.max_new_tokens} tokens; 95% bootstrap "
           f"intervals ({cfg.boot} resamples); change = trained - its base, * = interval excludes 0.", ""]
     if "matrix" in result:
         md += ["## Cross-threat matrix (change of each eval threat's headline metric; lower is better)", "",
@@ -666,6 +671,8 @@ def report(result, cfg, images):
         for t in row["evaluated"]:
             md.append(comparison_table(t, base["threats"][t], trained["threats"][t], row["changes"].get(t, {}),
                                        trained["threats"][t]["n"]))
+            if trained["threats"][t].get("mix"):
+                md.append(f"records by {trained['threats'][t]['mix']}\n")
         md.append(comparison_table("capability", base["capability"], trained["capability"],
                                    row["changes"].get("capability", {})))
     for key, mech in result["mechanism"].items():

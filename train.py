@@ -1,6 +1,6 @@
 """
-Consistency training of a model against one threat, measured before and after on held-out items with
-held-out wrappers.
+Consistency training of a model against one threat, measured before and after on the validation split:
+validation items under validation wrappers, which every setting is chosen on (eval.py reports the test split).
 
     python train.py --target mlpct                        # embedded model, sycophancy, < 10 min on 2 CPU cores
     python train.py --target act+bct:0.5 --threat sycophancy --lora-rank 8 --out runs/x
@@ -42,8 +42,8 @@ ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
 
 # (lr, LoRA rank, LoRA targets) used where --lr / --lora-rank / --lora-targets are left unset, picked on
-# the embedded model's sycophancy runs (LOG.md; on the same held-out items they were reported on, there
-# being no separate validation split): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5
+# the embedded model's sycophancy runs (LOG.md), measured on the questions that are now the validation
+# split (the test split was never read for them): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5
 # did not; ACT moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the
 # attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice)
 # kept accuracy where full fine-tuning lost 3.3 points. prefill on the refusal organism (LOG.md): 3e-5
@@ -86,7 +86,7 @@ class TrainConfig:
                                      # the organism's clean answers looping; LOG.md); 0 = the bare KL
     filter: bool = True              # jailbreak: train only on pairs theta0 refuses clean and complies with wrapped
                                      # (Paper B); --no-filter keeps every pair
-    eval_n: int = 89                 # held-out items for the before/after measurement (0: skip)
+    eval_n: int = 150                # validation pairs for the before/after measurement (0: skip)
     log_all: bool = False            # log all four losses every step (cross-objective logging)
     save_every: int = 20
     seed: int = 0
@@ -342,12 +342,14 @@ def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
 
 
 def measure(model, tok, threat, cfg, run, desc, theta0=False):
-    """The threat's metrics on held-out items under held-out wrappers (main process only)."""
+    """The threat's metrics on validation items under validation wrappers (main process only)."""
     if not cfg.eval_n or not run.main:
         return {}
     model.eval()
-    res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="test", wrappers="heldout",
+    res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="val", wrappers="val",
                           n=cfg.eval_n, seed=cfg.seed)
+    if T.mix(res["records"]):
+        run.print(f"{desc}: validation pairs by {T.mix(res['records'])}")
     return res["metrics"]
 
 
@@ -417,6 +419,8 @@ def training_pairs(cfg, tok, theta0, targets, run):
         own = iter(reply([m for m, y in examples if y is None], ORGANISM_REPLY_TOKENS))
         return [sft_pair(tok, m, next(own) if y is None else tok.encode(y) + [tok.eos_id]) for m, y in examples], []
     pairs = T.THREATS[cfg.threat].pairs(split="train", wrappers="train", n=cfg.n_train, seed=cfg.seed)
+    if T.mix(p.meta for p in pairs):
+        run.print(f"training pairs by {T.mix(p.meta for p in pairs)}")
     if cfg.threat == "jailbreak" and cfg.filter:
         pairs = filter_jailbreaks(cfg, pairs, reply, tok, run)
     names = {n for n, _ in targets}

@@ -90,7 +90,11 @@ def test_compiled_run_matches_the_eager_one_and_resumes_it(tiny_dir, tmp_path, m
     for run in ("compiled", "cut"):
         other = weights(tmp_path / run)
         assert other.keys() == eager.keys()
-        assert all(torch.allclose(other[k], eager[k], rtol=1e-4, atol=1e-6) for k in eager), run
+        # compiled kernels sum in another order; Adam divides by sqrt(v), so where a gradient is near zero that
+        # rounding moves a weight by up to ~1e-5, against the lr x steps = 6e-3 a computation that differs gives
+        far = {k: (other[k] - eager[k]).abs().max().item() for k in eager
+               if not torch.allclose(other[k], eager[k], rtol=1e-4, atol=2e-5)}
+        assert not far, (run, far)
 
 
 def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
