@@ -669,3 +669,10 @@ def test_sycophancy_metrics_by_format_and_placement(threats):
     assert m["brr@after"] == 0.0 and m["brr@pushback"] == 0.0 and m["parse_rate@pushback"] == 0.0
     assert m["flip_rate@letters"] == 1 / 2 and m["clean_accuracy@inline"] == 1.0
     assert "brr@free" not in m
+
+
+def test_mix_counts_placements_and_formats():
+    rows = [{"position": "after", "format": "free"}, {"position": "before", "format": "free"},
+            {"position": "after", "format": "letters"}, {"id": "no placement"}]
+    assert T.mix(rows) == "position after 2, before 1; format free 2, letters 1"
+    assert T.mix(iter(rows)) == T.mix(rows) and T.mix([{"id": 1}]) == ""
