@@ -135,21 +135,38 @@ def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = Fa
 # ----------------------------------------------------------------------------- targets
 
 
+# The positions a target reads, as the Batch mask that marks them. A new target declares one, and what
+# follows from it needs no other edit: whether a batch gives it any signal (no_signal), which training
+# pairs it can learn from (train.py keeps only pairs whose content moved for "content" targets, and
+# generates theta0's responses for "labels" ones) and the mechanism pass in eval.py.
+READS = {"labels": "label_valid",     # theta0's clean response tokens after the wrapped prompt (SFT)
+         "suffix": "suffix_valid",    # the token suffix clean and wrapped share
+         "content": "content_valid",  # the clean content's tokens inside the wrapped prompt
+         "prefill": "prefill_valid"}  # the positions that predict a prefill's tokens
+
+
 @dataclass
 class Target:
     fn: callable
+    reads: str                    # a key of READS
     capture: tuple | str | None   # internals it reads, as capture names or globs
-    content_rows: bool       # reads attention patterns only at the content's query rows
-    reference: bool          # reads theta0's clean pass
-    weight: float            # default weight inside a combination
+    content_rows: bool            # reads attention patterns only at the content's query rows
+    reference: bool               # reads theta0's clean pass
+    weight: float                 # default weight inside a combination
+    recipe: tuple | None          # (lr, LoRA rank (0: full fine-tuning), LoRA targets) train.py uses by default
 
 
 TARGETS: dict[str, Target] = {}
+QKVO = "q_proj,k_proj,v_proj,o_proj"
 
 
-def target(name, capture=None, content_rows=False, reference=True, weight=1.0):
+def target(name, reads, capture=None, content_rows=False, reference=True, weight=1.0, recipe=None):
+    """Register `fn(w, c, batch) -> per-layer losses` as a target; see READS for what `reads` decides."""
+    if reads not in READS:
+        raise ValueError(f"target {name!r} reads {reads!r}: use one of {', '.join(READS)}")
+
     def register(fn):
-        TARGETS[name] = Target(fn, capture, content_rows, reference, weight)
+        TARGETS[name] = Target(fn, reads, capture, content_rows, reference, weight, recipe)
         return fn
     return register
 
@@ -195,7 +212,14 @@ def token_nll(logits, ids):
     return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
 
 
-@target("bct", reference=False)
+# Recipes: picked on the embedded model's sycophancy runs (LOG.md), measured on the questions that are now
+# the validation split. Full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5 did not; ACT
+# moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the attention projections
+# (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice) kept accuracy where full
+# fine-tuning lost 3.3 points. prefill on the refusal organism (LOG.md): 3e-5 collapsed it by step 15,
+# 1e-5 refused 93% of benign questions, 3e-6 kept clean refusals and cut PAR 0.57 -> 0.39.
+
+@target("bct", reads="labels", reference=False, recipe=(3e-5, 0, QKVO))
 def bct(w, c, b):
     return masked_mean(token_nll(w.logits_at(b.label_pos), b.label_ids), b.label_valid)[None]
 
@@ -206,7 +230,8 @@ def residual_stream(out):
     return layers(out, "hook_resid_post")[:-1] + ["ln_final.hook_normalized"]
 
 
-@target("act", capture=("blocks.*.hook_resid_post", "ln_final.hook_normalized"), weight=1e-4)
+@target("act", reads="suffix", capture=("blocks.*.hook_resid_post", "ln_final.hook_normalized"), weight=1e-4,
+        recipe=(3e-4, 8, QKVO))
 def act(w, c, b):
     return over_layers(w, c, residual_stream(w), b.suffix_w, b.suffix_c,
                        lambda hw, hc: masked_mean((hw - hc).float().pow(2).sum(-1), b.suffix_valid))
@@ -218,7 +243,7 @@ def one_minus_cos(a, b):
     return 0.5 * (F.normalize(a.float(), dim=-1) - F.normalize(b.float(), dim=-1)).pow(2).sum(-1)
 
 
-@target("mlpct", capture="blocks.*.mlp.hook_post")
+@target("mlpct", reads="content", capture="blocks.*.mlp.hook_post", recipe=(3e-5, 0, QKVO))
 def mlpct(w, c, b):
     return over_layers(w, c, layers(w, "mlp.hook_post"), b.content_w, b.content_c,
                        lambda mw, mc: masked_mean(one_minus_cos(mw, mc), b.content_valid))
@@ -238,7 +263,8 @@ def jsd(p, q):
     return 0.5 * (p * (p.log() - m.log())) + 0.5 * (q * (q.log() - m.log()))
 
 
-@target("attct", capture="blocks.*.attn.hook_pattern", content_rows=True)
+@target("attct", reads="content", capture="blocks.*.attn.hook_pattern", content_rows=True,
+        recipe=(1e-3, 8, "q_proj,v_proj"))
 def attct(w, c, b):
     keys = b.content_valid[:, None, None, :]
     rows = b.content_valid[:, None, :].expand(-1, w.cache["blocks.0.attn.hook_pattern"].shape[1], -1)
@@ -246,7 +272,7 @@ def attct(w, c, b):
                        lambda aw, ac: masked_mean((jsd(aw, ac) * keys).sum(-1), rows), select=content_block)
 
 
-@target("prefill")
+@target("prefill", reads="prefill", recipe=(3e-6, 0, QKVO))
 def prefill_kl(w, c, b):
     """The prefill tokens sit after the assistant marker, so every prompt position is identical in the
     clean and attacked runs: match theta0's first-response-token distribution instead, at every position
@@ -277,21 +303,24 @@ def parse_targets(spec: str) -> list[tuple[str, float]]:
     return out
 
 
+NO_SIGNAL = {
+    "labels": "{name} needs theta0's clean responses in the batch: pass responses to align()",
+    "suffix": ("{name} has no shared suffix to match on these pairs (a prefill attack sits after the assistant "
+               "marker, so no prompt token follows it): use --target prefill or bct"),
+    "content": "{name}: no aligned content tokens in this batch; check the threat's wrappers",
+    "prefill": "the {name} target needs pairs with a prefill: use it with --threat prefill",
+}
+
+
 def no_signal(name, batch: Batch) -> str | None:
-    """Why `name` would silently train on nothing with this batch, or None if it has a signal."""
-    prefilled = bool(batch.prefill_valid.any())
-    if name == "act" and not batch.suffix_valid.any():
-        return ("act has no shared suffix to match on these pairs (a prefill attack sits after the assistant "
-                "marker, so no prompt token follows it): use --target prefill or bct")
-    if name in ("mlpct", "attct") and prefilled:
+    """Why `name` would silently train on nothing with this batch, or None if it has a signal: the positions
+    it reads (Target.reads) are empty, or, for a content target, the pairs are prefill pairs."""
+    reads = TARGETS[name].reads
+    if reads == "content" and batch.prefill_valid.any():
         return (f"{name} gets no signal on prefill pairs: under causal masking every prompt position is identical "
                 f"in the clean and prefilled runs; use --target prefill or bct")
-    if name in ("mlpct", "attct") and not batch.content_valid.any():
-        return f"{name}: no aligned content tokens in this batch; check the threat's wrappers"
-    if name == "prefill" and not prefilled:
-        return "the prefill target needs pairs with a prefill: use it with --threat prefill"
-    if name == "bct" and not batch.label_valid.any():
-        return "bct needs theta0's clean responses in the batch: pass responses to align()"
+    if not getattr(batch, READS[reads]).any():
+        return NO_SIGNAL[reads].format(name=name)
     return None
 
 

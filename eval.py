@@ -734,7 +734,7 @@ def plot_heatmap(m, path):
 
 
 def plot_mechanism(mech, title, path):
-    """One panel per loss: per-layer curves where the loss has layers (act = residual distance), bars otherwise."""
+    """One panel per loss: per-layer curves where the loss has layers, bars otherwise."""
     plt = pyplot()
     names = [n for n in C.TARGETS if any(n in logs for logs in mech["models"].values())]
     layered = lambda n: all(f"{n}_per_layer" in logs for logs in mech["models"].values() if n in logs)
@@ -746,14 +746,15 @@ def plot_mechanism(mech, title, path):
             for label, logs in models.items():
                 ax.plot(logs[f"{name}_per_layer"], marker=".", label=label, lw=2.5 if label == "base" else 1.2)
             ax.set_xlabel("layer")
-            if name == "act" and all(min(logs["act_per_layer"]) > 0 for logs in models.values()):
-                ax.set_yscale("log")   # residual norms grow layer by layer
+            values = [v for logs in models.values() for v in logs[f"{name}_per_layer"]]
+            if min(values) > 0 and max(values) > 100 * min(values):
+                ax.set_yscale("log")   # a distance that grows by orders of magnitude with depth (the residual's)
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=7)
         else:
             ax.bar(range(len(models)), [logs[name] for logs in models.values()], color=[f"C{i}" for i in range(len(models))])
             ax.set_xticks(range(len(models)), list(models), rotation=30, ha="right", fontsize=8)
-        ax.set_title(name + (" (residual distance)" if name == "act" else ""))
+        ax.set_title(name)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -41,17 +41,11 @@ from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, fil
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
 
-# (lr, LoRA rank, LoRA targets) used where --lr / --lora-rank / --lora-targets are left unset, picked on
-# the embedded model's sycophancy runs (LOG.md), measured on the questions that are now the validation
-# split (the test split was never read for them): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5
-# did not; ACT moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the
-# attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice)
-# kept accuracy where full fine-tuning lost 3.3 points. prefill on the refusal organism (LOG.md): 3e-5
-# collapsed it by step 15, 1e-5 refused 93% of benign questions, 3e-6 kept clean refusals and cut PAR
-# 0.57 -> 0.39 at a cost of 13 points of accuracy. A combination takes its first target's recipe.
-QKVO = "q_proj,k_proj,v_proj,o_proj"
-RECIPES = {"act": (3e-4, 8, QKVO), "attct": (1e-3, 8, "q_proj,v_proj"), "bct": (3e-5, 0, QKVO),
-           "mlpct": (3e-5, 0, QKVO), "prefill": (3e-6, 0, QKVO), "organism": (1e-4, 0, QKVO)}
+# (lr, LoRA rank, LoRA targets) where --lr / --lora-rank / --lora-targets are left unset: each target's
+# recipe (consistency.py, with the runs that chose it); a target without one gets full fine-tuning at 3e-5,
+# the setting that kept clean accuracy for bct and mlpct. A combination takes its first target's recipe.
+DEFAULT_RECIPE = (3e-5, 0, C.QKVO)
+ORGANISM_RECIPE = (1e-4, 0, C.QKVO)
 
 
 @dataclass
@@ -65,7 +59,7 @@ class TrainConfig:
     steps: int = 40
     batch_size: int = 8              # pairs per optimizer step, over all processes
     grad_accum: int = 1              # micro-batches per optimizer step
-    lr: float = 0.0                  # 0: the target's recipe (RECIPES)
+    lr: float = 0.0                  # 0: the target's recipe (consistency.py)
     warmup: int = 4
     min_lr_frac: float = 0.1         # cosine decays to lr * min_lr_frac
     weight_decay: float = 0.0
@@ -424,8 +418,9 @@ def training_pairs(cfg, tok, theta0, targets, run):
     if cfg.threat == "jailbreak" and cfg.filter:
         pairs = filter_jailbreaks(cfg, pairs, reply, tok, run)
     names = {n for n, _ in targets}
+    reads = {C.TARGETS[n].reads for n in names}
     sft_term = "prefill" in names and "bct" not in names and cfg.prefill_sft > 0
-    if names <= {"mlpct", "attct"}:
+    if reads == {"content"}:
         # a wrapper that only follows the content leaves the content's internals unchanged under causal
         # attention: such pairs carry exactly zero loss and gradient for these targets, so drop them
         aligned = [C.align(tok, p) for p in pairs]
@@ -438,7 +433,7 @@ def training_pairs(cfg, tok, theta0, targets, run):
             print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows the content "
                   f"(no {'/'.join(sorted(names))} signal under causal attention)")
         return moved, anchors(tok, pairs, cfg)
-    if "bct" not in names and not sft_term:
+    if "labels" not in reads and not sft_term:
         return [C.align(tok, p) for p in pairs], anchors(tok, pairs, cfg)
     rows = T.load_data(os.path.join(T.DATA_DIR, "benign_prompts.jsonl"), "benign_prompts.jsonl")
     n_retain = min(len(rows), round(len(pairs) * cfg.retain_frac / max(1e-9, 1 - cfg.retain_frac)))
@@ -564,7 +559,7 @@ def train(cfg: TrainConfig):
     targets = C.parse_targets(cfg.target)
     check_ranges(cfg, TRAIN_RANGES)
     bf16 = use_bf16(cfg, run.device)
-    lr, rank, lora_targets = RECIPES["organism" if cfg.organism else targets[0][0]]
+    lr, rank, lora_targets = ORGANISM_RECIPE if cfg.organism else C.TARGETS[targets[0][0]].recipe or DEFAULT_RECIPE
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
     names = [n for n, _ in targets]

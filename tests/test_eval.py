@@ -11,8 +11,10 @@ import sys
 import pytest
 import torch
 
+import consistency as C
 import eval as ev
 import threats as T
+import train
 from conftest import write_tiny_hf
 from model import chat_generate_ids, fingerprint, load_model
 
@@ -312,3 +314,31 @@ def test_unreadable_run_json_and_non_finite_weights_are_refused(runs, tmp_path, 
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, "--ckpt", nan, "--threats", "sycophancy", "--n", "2", "--no-mechanism")
     assert "weight tensors are not finite" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.fixture
+def suffix_kl():
+    """A new target defined here, not in consistency.py: KL of theta's next-token distribution on the wrapped
+    prompt from theta0's on the clean one, over the shared suffix. It is removed from the registry after."""
+    @C.target("suffix_kl", reads="suffix")
+    def kl(w, c, b):
+        p = c.logits_at(b.suffix_c).float().log_softmax(-1)
+        q = w.logits_at(b.suffix_w).float().log_softmax(-1)
+        return C.masked_mean((p.exp() * (p - q)).sum(-1), b.suffix_valid)[None]
+    yield "suffix_kl"
+    del C.TARGETS["suffix_kl"]
+
+
+def test_a_new_target_is_one_function_trained_and_evaluated_with_no_other_edit(suffix_kl, tmp_path, monkeypatch):
+    tiny(tmp_path / "base", seed=0)
+    out = tmp_path / "suffix_kl-sycophancy"
+    train.train(train.TrainConfig(target=suffix_kl, model=str(tmp_path / "base"), out=str(out), n_train=8, steps=2,
+                                  batch_size=4, eval_n=0, bf16="off"))
+    cfg = json.loads((out / "run.json").read_text())["config"]
+    assert (cfg["lr"], cfg["lora_rank"], cfg["lora_targets"]) == (3e-5, 0, "q_proj,k_proj,v_proj,o_proj")  # no recipe
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(log) == 2 and all(r["suffix_kl"] > 0 for r in log)   # the wrapper changes the suffix's context
+    run_cli(monkeypatch, "--ckpt", out, *SMALL[:-2], "--threats", "sycophancy")
+    res = json.loads((out / "eval" / "results.json").read_text())
+    mech = res["mechanism"]["sycophancy"]["models"]
+    assert all(mech[m]["suffix_kl"] > 0 for m in mech) and "suffix_kl" in (out / "eval" / "results.md").read_text()
