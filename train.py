@@ -419,7 +419,7 @@ def training_pairs(cfg, tok, theta0, targets, run):
         pairs = filter_jailbreaks(cfg, pairs, reply, tok, run)
     names = {n for n, _ in targets}
     reads = {C.TARGETS[n].reads for n in names}
-    sft_term = "prefill" in names and "bct" not in names and cfg.prefill_sft > 0
+    sft_term = cfg.prefill_sft > 0   # resolve() keeps it only for the prefill target without bct
     if reads == {"content"}:
         # a wrapper that only follows the content leaves the content's internals unchanged under causal
         # attention: such pairs carry exactly zero loss and gradient for these targets, so drop them
@@ -547,38 +547,47 @@ def table(before, after):
     return "\n".join(rows)
 
 
-def train(cfg: TrainConfig):
-    t0 = time.time()
-    run = Run()
+def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
+    """The run's settings as a new config (cfg itself is not changed): an organism's fixed choices, the recipe
+    where --lr / --lora-rank / --lora-targets are unset, which of retain data, anchors and the prefill target's
+    SFT term apply, and the default run folder. One-line errors for what cannot run."""
+    cfg = dataclasses.replace(cfg)
     if cfg.organism and cfg.organism not in ORGANISM_THREAT:
         raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")
     if cfg.organism:
         cfg.target, cfg.threat, cfg.retain_frac, cfg.anchor_frac = "bct", ORGANISM_THREAT[cfg.organism], 0.0, 0.0
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
-    targets = C.parse_targets(cfg.target)
+    names = [n for n, _ in C.parse_targets(cfg.target)]
     check_ranges(cfg, TRAIN_RANGES)
-    bf16 = use_bf16(cfg, run.device)
-    lr, rank, lora_targets = ORGANISM_RECIPE if cfg.organism else C.TARGETS[targets[0][0]].recipe or DEFAULT_RECIPE
+    lr, rank, lora_targets = ORGANISM_RECIPE if cfg.organism else C.TARGETS[names[0]].recipe or DEFAULT_RECIPE
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
-    names = [n for n, _ in targets]
-    if "prefill" in names and "bct" in names:
-        cfg.prefill_sft = 0.0  # bct, named, is the SFT term
-    if "prefill" in names and not cfg.prefill_sft and "bct" not in names:
-        run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into answering "
-                  "'IIII...' to everything; the authors add 0.1 x SFT on refusals (this project: 1.0, LOG.md)")
-    if "bct" in names or ("prefill" in names and cfg.prefill_sft):
+    if "prefill" not in names or "bct" in names:
+        cfg.prefill_sft = 0.0  # only the prefill target has the term; with bct named, bct is the SFT term
+    if "bct" in names or cfg.prefill_sft:
         cfg.anchor_frac = 0.0  # the SFT term mixes in retain data instead
     else:
         cfg.retain_frac = 0.0  # retain data only matters to an SFT term
-    if "prefill" not in names:
-        cfg.prefill_sft = 0.0
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} "
+                         f"micro-batches")
+    cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
+    return cfg
+
+
+def train(cfg: TrainConfig):
+    t0 = time.time()
+    run = Run()
+    cfg = resolve(cfg, run.world)
+    targets = C.parse_targets(cfg.target)
+    names = [n for n, _ in targets]
+    if "prefill" in names and "bct" not in names and not cfg.prefill_sft:
+        run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into answering "
+                  "'IIII...' to everything; the authors add 0.1 x SFT on refusals (this project: 1.0, LOG.md)")
     # the prefill target's SFT term reads the rows that carry labels: the SFT rows, never the prefill pairs
     loss_targets = targets + ([("bct", cfg.prefill_sft)] if cfg.prefill_sft else [])
-    if cfg.batch_size % (run.world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {run.world} processes x {cfg.grad_accum} micro-batches")
-    cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
+    bf16 = use_bf16(cfg, run.device)
     check_out(cfg)
     make_folder(cfg.out)
     run.lock = lock_folder(cfg.out) if run.main else None
