@@ -28,7 +28,8 @@ What is measured (every flag is a field of BenchConfig):
    its times pooled, so the machine's drift over minutes does not favour whichever ran first.
 2. MFU of our step: model FLOPs (`step_flops`: 2 per multiply-add, backward = 2x forward, causal attention
    counts only the key <= query half, lm_head only where logits are computed, real tokens only) over the
-   fastest of 20 large square matmuls timed in the same run, before and after the training steps (the higher), per dtype.
+   fastest of 20 large square matmuls timed in the same run, before and after the training steps (the higher),
+   per dtype.
 3. Greedy generation, new tokens/s at batch 1 and 16: model.generate (its blocks compiled, as above)
    against transformers' generate (left padding, do_sample=False), both with eos switched off so every
    row runs the same number of tokens, in alternating rounds as above; "same tokens" is the share of rows
@@ -68,7 +69,8 @@ IMPLS = ("ours", "hf", "hf-b1")
 ADAMW = ("default", "foreach", "fused")
 # the sequence-length regimes: the real pairs of a threat with short prompts, and of one with long contexts
 REGIMES = {"short": lambda seed: T.THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=seed),
-           "long": lambda seed: [p for p in T.THREATS["persona"].pairs(split="train", wrappers="train", seed=seed)
+           "long": lambda seed: [p for p in T.THREATS["persona"].pairs(split="train", wrappers="train",
+                                                                       seed=seed)
                                  if p.meta["k"] == 16]}
 # the issue's targets: training >= 2x hf-b1 and >= 1.2x hf, bf16 MFU >= 40%, generation at batch 16 >= 1.5x
 GOALS = {"hf-b1": 2.0, "hf": 1.2, "mfu_bf16": 0.40, "gen16": 1.5}
@@ -79,21 +81,25 @@ class BenchConfig:
     model: str = EMBEDDED                 # embedded name, HF-format folder or hub repo id
     device: str = "cpu"                   # cpu | cuda
     targets: str = "bct,act,mlpct,attct"  # comma-separated; each may be a combination like act+bct:0.5
-    regimes: str = "short,long"           # short: sycophancy (~60-90 tokens); long: persona with k=16 facts (~450-510)
+    regimes: str = "short,long"           # short: sycophancy (~60-90 tokens); long: persona with k=16 facts
+                                          # (~450-510)
     dtypes: str = "fp32,bf16"
     impls: str = "ours,hf,hf-b1"
     batch_size: int = 8                   # pairs per training step
     warmup: int = 1                       # untimed calls before each measurement
     steps: int = 3                        # timed calls per round; the median over all rounds is reported
-    rounds: int = 2                       # each implementation built and timed this often, in alternating order
+    rounds: int = 2                       # each implementation built and timed this often, in alternating
+                                          # order
     response_tokens: int = 24             # length of theta0's greedy responses that BCT trains on
     lr: float = 1e-5
-    adamw: str = "fused"                  # default | foreach | fused: torch's AdamW implementation, the same for
-                                          # every implementation (train.py uses fused)
-    compile: bool = True                  # ours: compile the blocks, as train.py --compile (the warmup takes the compile)
+    adamw: str = "fused"                  # default | foreach | fused: torch's AdamW implementation, the same
+                                          # for every implementation (train.py uses fused)
+    compile: bool = True                  # ours: compile the blocks, as train.py --compile (the warmup takes
+                                          # the compile)
     gen_batches: str = "1,16"
     gen_tokens: int = 32                  # new tokens per generated row
-    peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU, 8192 GPU
+    peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU,
+                                          # 8192 GPU
     threads: int = 0                      # torch CPU threads; 0: torch's default (one per core)
     seed: int = 0
     out: str = "bench/bench.json"
@@ -167,7 +173,8 @@ def step_flops(cfg, pairs, spec: str) -> int:
     only, skipped when no target reads it) plus forward and backward (= 2x forward) on the wrapped ones.
     lm_head counts only at the positions whose logits a target reads (ModelOutput.logits_at)."""
     names = [n for n, _ in C.parse_targets(spec)]
-    clean = forward_flops(cfg, [len(p.clean) for p in pairs], False) if any(C.TARGETS[n].reference for n in names) else 0
+    clean = forward_flops(cfg, [len(p.clean) for p in pairs], False) if any(C.TARGETS[n].reference
+                                                                            for n in names) else 0
     wrapped = forward_flops(cfg, [len(p.wrapped) + len(p.response) for p in pairs], False)
     # logits read: bct at each response token's predictor; prefill at every prefill position and theta0's last
     head_c = len(pairs) if "prefill" in names else 0
@@ -232,7 +239,8 @@ def hf_forward(hf, ids, mask, names, labels=None):
     layers = hf.model.layers
     if "mlpct" in names:
         for layer in layers:
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: store["mlp"].append(a[0])))
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(
+                lambda m, a: store["mlp"].append(a[0])))
     kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states="act" in names,
               output_attentions="attct" in names)
     try:
@@ -261,7 +269,8 @@ def hf_loss(name, w, c, b, labels) -> torch.Tensor:
             return w["loss"]  # transformers' own shifted cross-entropy, exactly the per-pair mean at batch 1
         labels = labels[:, 1:]
         # flattened, as transformers' own loss does (the (B, V, T) layout is less accurate on a CPU)
-        nll = F.cross_entropy(w["logits"][:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+        nll = F.cross_entropy(w["logits"][:, :-1].float().flatten(0, 1), labels.flatten(),
+                              reduction="none").view(labels.shape)
         real = labels != -100
         return ((nll * real).sum(1) / real.sum(1).clamp(min=1)).mean()
     rows = torch.arange(len(b.clean_ids), device=b.clean_ids.device)[:, None]
@@ -282,13 +291,16 @@ def hf_loss(name, w, c, b, labels) -> torch.Tensor:
         keys = b.content_valid[:, None, :, None]
         for aw, ac in zip(w["attn"], c["attn"]):
             # (B, H, T, T) indexed at (query, key) content pairs -> (B, C, C, H)
-            p = aw[rows[:, :, None], :, b.content_w[:, :, None], b.content_w[:, None, :]].float().clamp(min=1e-9)
-            q = ac[rows[:, :, None], :, b.content_c[:, :, None], b.content_c[:, None, :]].float().clamp(min=1e-9)
+            p = aw[rows[:, :, None], :, b.content_w[:, :, None],
+                   b.content_w[:, None, :]].float().clamp(min=1e-9)
+            q = ac[rows[:, :, None], :, b.content_c[:, :, None],
+                   b.content_c[:, None, :]].float().clamp(min=1e-9)
             m = (p + q) / 2
             js = ((0.5 * p * (p / m).log() + 0.5 * q * (q / m).log()) * keys).sum(2)  # (B, C, H)
             per_layer.append(pair_mean(js.mean(-1), b.content_valid))
     else:
-        raise ValueError(f"bench.py has no transformers version of target {name!r}: use bct, act, mlpct or attct")
+        raise ValueError(f"bench.py has no transformers version of target {name!r}: "
+                         f"use bct, act, mlpct or attct")
     return torch.stack(per_layer).mean()
 
 
@@ -300,15 +312,17 @@ def padded(rows, pad_id, device):
     return ids, mask
 
 
-# ----------------------------------------------------------------------------- one training step per implementation
+# ------------------------------------------------------------------- one training step per implementation
 
-def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtype, adamw="default", compile=False):
+def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtype, adamw="default",
+               compile=False):
     """A no-argument function doing one full training step of `impl` on `pairs`, returning the loss; the
     models it trains are fresh copies, so every implementation starts from the same theta0. compile: ours
     runs compiled blocks (model.compile_blocks)."""
     targets = C.parse_targets(spec)
     names = [n for n, _ in targets]
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    autocast = torch.autocast(torch.device(device).type,
+                              dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     src = ours_model if impl == "ours" else hf_model
     model = copy.deepcopy(src).train()
     reference = copy.deepcopy(src).eval().requires_grad_(False)
@@ -347,7 +361,8 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
         clean = padded([p.clean for p in group], pad_id, device)
         wrapped = padded([p.wrapped + p.response for p in group], pad_id, device)
         width = wrapped[0].shape[1]
-        labels = torch.tensor([[-100] * len(p.wrapped) + p.response + [-100] * (width - len(p.wrapped) - len(p.response))
+        labels = torch.tensor([[-100] * len(p.wrapped) + p.response +
+                               [-100] * (width - len(p.wrapped) - len(p.response))
                                for p in group], device=device)
         prepared.append((b, clean, wrapped, labels))
 
@@ -375,9 +390,11 @@ def regime_pairs(regime, tok, model, cfg):
     every target has a signal: train.py drops the others for mlpct/attct), aligned, with theta0's greedy
     clean responses for BCT (`for_targets` drops them for the other targets). The same pairs serve every
     implementation."""
-    chosen = [(p, a) for p in REGIMES[regime](cfg.seed) if (a := C.align(tok, p)).content_moved][:cfg.batch_size]
+    chosen = [(p, a) for p in REGIMES[regime](cfg.seed)
+              if (a := C.align(tok, p)).content_moved][:cfg.batch_size]
     if len(chosen) < cfg.batch_size:
-        raise ValueError(f"only {len(chosen)} {regime} pairs move the content: use --batch-size {len(chosen)} or less")
+        raise ValueError(f"only {len(chosen)} {regime} pairs move the content: "
+                         f"use --batch-size {len(chosen)} or less")
     responses = chat_generate(model, tok, [p.clean for p, _ in chosen], max_new_tokens=cfg.response_tokens)
     return [C.align(tok, p, tok.encode(r) + [tok.eos_id]) for (p, _), r in zip(chosen, responses)]
 
@@ -400,10 +417,11 @@ def generate_hf(hf, prompts, n, pad_id):
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
-    eos, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None  # no stopping: n tokens a row
+    # no stopping: n tokens a row
+    eos, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
     try:  # (passing eos_token_id=None to generate falls back to the model's own, so switch it off there)
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, pad_token_id=pad_id,
-                          temperature=None, top_p=None, top_k=None)
+        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                          pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
     finally:
         hf.generation_config.eos_token_id = eos
     return out[:, width:].tolist()
@@ -418,8 +436,8 @@ def machine(device):
         cpu = m[1].strip() if m else cpu
     import transformers
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": device}
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": device}
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -446,12 +464,13 @@ def run(cfg: BenchConfig):
         if bad := [v for v in values if v not in allowed]:
             raise ValueError(f"--{name} {','.join(bad)}: choose from {','.join(allowed)}")
     if bad := [b for b in split(cfg.gen_batches) if not (b.isdigit() and int(b) > 0)]:
-        raise ValueError(f"--gen-batches {','.join(bad)}: use positive batch sizes, comma-separated (e.g. 1,16), "
-                         f"or '' for no generation")
+        raise ValueError(f"--gen-batches {','.join(bad)}: use positive batch sizes, comma-separated "
+                         f"(e.g. 1,16), or '' for no generation")
     for spec in split(cfg.targets):
         C.parse_targets(spec)
     check_ranges(cfg, BENCH_RANGES)
-    make_folder(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}")  # now, not after an hour of measurements
+    # now, not after an hour of measurements
+    make_folder(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -460,13 +479,16 @@ def run(cfg: BenchConfig):
     ours.to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:  # identical weights for transformers, read by its own loader
         save_model(ours, tok, tmp)
-        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").to(device).eval()
-    result = {"machine": machine(cfg.device), "config": asdict(cfg), "peak_flops": {}, "train": [], "generate": []}
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32,
+                                                  attn_implementation="sdpa").to(device).eval()
+    result = {"machine": machine(cfg.device), "config": asdict(cfg), "peak_flops": {}, "train": [],
+              "generate": []}
     print(json.dumps(result["machine"]), flush=True)
 
     peak_n = cfg.peak_n or (8192 if device.type == "cuda" else 2048)
     for dtype in dtypes:
-        result["peak_flops"][dtype] = matmul_peak(peak_n, torch.float32 if dtype == "fp32" else torch.bfloat16, device)
+        result["peak_flops"][dtype] = matmul_peak(peak_n, torch.float32 if dtype == "fp32"
+                                                  else torch.bfloat16, device)
         print(f"matmul peak {dtype}: {result['peak_flops'][dtype] / 1e9:.0f} GFLOP/s", flush=True)
 
     for regime in split(cfg.regimes):
@@ -476,10 +498,11 @@ def run(cfg: BenchConfig):
                 pairs = for_targets(with_responses, spec)
                 lengths = ([len(p.clean) for p in pairs], [len(p.wrapped) + len(p.response) for p in pairs])
                 n_tokens = C.collate(pairs, tok.pad_id).n_tokens
-                row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs), "pair_tokens": n_tokens,
-                       "mean_len": [statistics.mean(x) for x in lengths], "flops": step_flops(ours.cfg, pairs, spec)}
-                timed = alternating(lambda impl: build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr, device,
-                                                            dtype, cfg.adamw, cfg.compile),
+                row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs),
+                       "pair_tokens": n_tokens, "mean_len": [statistics.mean(x) for x in lengths],
+                       "flops": step_flops(ours.cfg, pairs, spec)}
+                timed = alternating(lambda impl: build_step(impl, spec, pairs, tok.pad_id, ours, hf, cfg.lr,
+                                                            device, dtype, cfg.adamw, cfg.compile),
                                     impls, cfg.rounds, cfg.warmup, cfg.steps, sync, device)
                 for impl, (t, mib) in timed.items():
                     row[impl] = {"step_s": t.median, "times": t.times, "tok_s": n_tokens / t.median,
@@ -488,8 +511,10 @@ def run(cfg: BenchConfig):
                           f"loss {t.first:.6g}, peak {fmt(mib)} MiB", flush=True)
                 if "ours" in row:
                     others = [row[i]["loss"] for i in impls if i != "ours"]
-                    # relative, with a floor: a loss that is ~0 (no signal in this batch) has no relative error
-                    row["loss_rel_diff"] = max((abs(o - row["ours"]["loss"]) / max(abs(row["ours"]["loss"]), 1e-4)
+                    # relative, with a floor: a loss that is ~0 (no signal in this batch) has no relative
+                    # error
+                    row["loss_rel_diff"] = max((abs(o - row["ours"]["loss"]) /
+                                                max(abs(row["ours"]["loss"]), 1e-4)
                                                 for o in others), default=None)
                 result["train"].append(row)
 
@@ -503,7 +528,8 @@ def run(cfg: BenchConfig):
         if "ours" in row:
             row["mfu"] = row["flops"] / row["ours"]["step_s"] / result["peak_flops"][row["dtype"]]
 
-    prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=16, seed=cfg.seed)]
+    prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train",
+                                                                          n=16, seed=cfg.seed)]
     for dtype in dtypes:
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
         for bs in map(int, split(cfg.gen_batches)):
@@ -511,7 +537,8 @@ def run(cfg: BenchConfig):
             # weights in every generation's peak, for both sides alike, and hide what generation itself uses
             sources = {"ours": copy.deepcopy(ours).to(torch_dtype), "hf": copy.deepcopy(hf).to(torch_dtype)}
             rows = (prompts * (bs // len(prompts) + 1))[:bs]
-            row = {"dtype": dtype, "batch": bs, "new_tokens": cfg.gen_tokens, "prompt_len": statistics.mean(map(len, rows))}
+            row = {"dtype": dtype, "batch": bs, "new_tokens": cfg.gen_tokens,
+                   "prompt_len": statistics.mean(map(len, rows))}
             def build(impl):
                 fn = generate_ours if impl == "ours" else generate_hf
                 m = copy.deepcopy(sources[impl])
@@ -521,15 +548,19 @@ def run(cfg: BenchConfig):
 
             timed = alternating(build, ["ours", "hf"], cfg.rounds, cfg.warmup, cfg.steps, sync, device)
             for impl, (t, mib) in timed.items():
-                row[impl] = {"s": t.median, "times": t.times, "tok_s": bs * cfg.gen_tokens / t.median, "peak_mib": mib}
-                print(f"generate {dtype} batch {bs} {impl}: {bs * cfg.gen_tokens / t.median:.1f} tok/s", flush=True)
-            row["same_tokens"] = sum(a == b for a, b in zip(timed["ours"][0].first, timed["hf"][0].first)) / bs
+                row[impl] = {"s": t.median, "times": t.times, "tok_s": bs * cfg.gen_tokens / t.median,
+                             "peak_mib": mib}
+                print(f"generate {dtype} batch {bs} {impl}: {bs * cfg.gen_tokens / t.median:.1f} tok/s",
+                      flush=True)
+            row["same_tokens"] = sum(a == b for a, b in zip(timed["ours"][0].first,
+                                                            timed["hf"][0].first)) / bs
             result["generate"].append(row)
 
     result["goals"] = goals(result)
     result["table"] = table(result, impls)
     print("\n" + result["table"])
-    write_atomic(cfg.out, lambda path: dump_json(result, path))  # whole or not at all: an older table stays readable
+    # whole or not at all: an older table stays readable
+    write_atomic(cfg.out, lambda path: dump_json(result, path))
     print(f"\nwritten to {cfg.out}")
     return result
 
@@ -541,7 +572,8 @@ def goals(res) -> list[str]:
         where = f"{r['regime']} {r['dtype']} {r['target']}"
         for impl in ("hf-b1", "hf"):
             if "ours" in r and impl in r and r["ours"]["tok_s"] / r[impl]["tok_s"] < GOALS[impl]:
-                missed.append(f"{where}: {r['ours']['tok_s'] / r[impl]['tok_s']:.2f}x {impl}, goal {GOALS[impl]}x")
+                missed.append(f"{where}: {r['ours']['tok_s'] / r[impl]['tok_s']:.2f}x {impl}, "
+                              f"goal {GOALS[impl]}x")
         if r["dtype"] == "bf16" and r.get("mfu") is not None and r["mfu"] < GOALS["mfu_bf16"]:
             missed.append(f"{where}: MFU {r['mfu']:.1%}, goal {GOALS['mfu_bf16']:.0%}")
     for r in res["generate"]:
@@ -553,33 +585,38 @@ def goals(res) -> list[str]:
 
 def table(res, impls):
     m = res["machine"]
-    lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"transformers {m['transformers']}, device {m['device']}.",
-             "Matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()) + ".", ""]
+    lines = [f"Machine: {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']} "
+             f"({m['torch_threads']} threads), transformers {m['transformers']}, device {m['device']}.",
+             "Matmul peak: " + ", ".join(f"{d} {v / 1e9:.0f} GFLOP/s" for d, v in res["peak_flops"].items()) +
+             ".", ""]
     if res["train"]:
         cols = [f"{i} tok/s" for i in impls] + [f"x {i}" for i in impls if i != "ours" and "ours" in impls]
         how = "compiled blocks (train.py --compile)" if res["config"].get("compile") else "eager blocks"
-        lines += [f"Training step, pair-tokens/s (median); ours runs {how}; x = ours / that; loss diff = max relative "
-                  "difference of the first-step loss from ours.", "",
+        lines += [f"Training step, pair-tokens/s (median); ours runs {how}; x = ours / that; loss diff = "
+                  "max relative difference of the first-step loss from ours.", "",
                   "| regime (clean/wrapped tokens) | dtype | target | " + " | ".join(cols) +
                   " | MFU | peak MiB " + " / ".join(impls) + " | loss diff |",
                   "|" + "---|" * (len(cols) + 6)]
         for r in res["train"]:
             speed = [fmt(r[i]["tok_s"]) for i in impls]
-            ratio = [f"{r['ours']['tok_s'] / r[i]['tok_s']:.2f}" for i in impls if i != "ours" and "ours" in impls]
+            ratio = [f"{r['ours']['tok_s'] / r[i]['tok_s']:.2f}" for i in impls
+                     if i != "ours" and "ours" in impls]
             mem = " / ".join(fmt(r[i]["peak_mib"]) for i in impls)
-            lines.append(f"| {r['regime']} (B={r['batch']}, {r['mean_len'][0]:.0f}/{r['mean_len'][1]:.0f}) | {r['dtype']} | "
-                         f"{r['target']} | " + " | ".join(speed + ratio) + f" | {fmt(r.get('mfu'), '.1%')} | {mem} | "
-                         f"{fmt(r.get('loss_rel_diff'), '.1e')} |")
+            lines.append(f"| {r['regime']} (B={r['batch']}, {r['mean_len'][0]:.0f}/{r['mean_len'][1]:.0f}) | "
+                         f"{r['dtype']} | {r['target']} | " + " | ".join(speed + ratio) +
+                         f" | {fmt(r.get('mfu'), '.1%')} | {mem} | {fmt(r.get('loss_rel_diff'), '.1e')} |")
         lines.append("")
     if res["generate"]:
         lines += ["Greedy generation, new tokens/s (median).", "",
-                  "| dtype | batch | prompt tokens | new tokens | ours tok/s | hf tok/s | x hf | peak MiB ours / hf | same tokens |",
+                  "| dtype | batch | prompt tokens | new tokens | ours tok/s | hf tok/s | x hf | "
+                  "peak MiB ours / hf | same tokens |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in res["generate"]:
-            lines.append(f"| {r['dtype']} | {r['batch']} | {r['prompt_len']:.0f} | {r['new_tokens']} | {r['ours']['tok_s']:.1f} | "
-                         f"{r['hf']['tok_s']:.1f} | {r['ours']['tok_s'] / r['hf']['tok_s']:.2f} | "
-                         f"{fmt(r['ours']['peak_mib'])} / {fmt(r['hf']['peak_mib'])} | {r['same_tokens']:.0%} |")
+            lines.append(f"| {r['dtype']} | {r['batch']} | {r['prompt_len']:.0f} | {r['new_tokens']} | "
+                         f"{r['ours']['tok_s']:.1f} | {r['hf']['tok_s']:.1f} | "
+                         f"{r['ours']['tok_s'] / r['hf']['tok_s']:.2f} | "
+                         f"{fmt(r['ours']['peak_mib'])} / {fmt(r['hf']['peak_mib'])} | "
+                         f"{r['same_tokens']:.0%} |")
         lines.append("")
     lines += ["Goals missed:" if res["goals"] else "All goals met."] + [f"- {g}" for g in res["goals"]]
     return "\n".join(lines)

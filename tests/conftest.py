@@ -8,12 +8,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+                 "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def write_byte_tokenizer(path):
-    """A 256-byte BPE tokenizer plus two ChatML specials (258 ids, the tiny models' vocabulary), built with the `tokenizers` library (not our code)."""
+    """A 256-byte BPE tokenizer plus two ChatML specials (258 ids, the tiny models' vocabulary), built with
+    the `tokenizers` library (not our code)."""
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -39,7 +39,8 @@ def test_forward_flops_match_torch_flop_counter():
         model(torch.randint(0, 10, (1, T)), capture="blocks.*.attn.hook_pattern")
     full_square = 4 * TINY.n_head * TINY.head_dim * TINY.n_layer * T * T
     causal_half = 4 * TINY.n_head * TINY.head_dim * TINY.n_layer * T * (T + 1) // 2
-    assert counter.get_total_flops() == bench.forward_flops(TINY, [T], logits=True) - causal_half + full_square
+    assert counter.get_total_flops() == (bench.forward_flops(TINY, [T], logits=True)
+                                         - causal_half + full_square)
 
 
 def aligned(clean_len, wrapped_len, response_len):
@@ -66,12 +67,14 @@ def test_pairs_carry_responses_only_for_bct():
     assert bench.for_targets(pairs, "act+bct:0.5") == pairs
     for spec in ("act", "mlpct+attct"):
         stripped = bench.for_targets(pairs, spec)
-        assert [p.response for p in stripped] == [[], []] and [p.wrapped for p in stripped] == [p.wrapped for p in pairs]
+        assert ([p.response for p in stripped] == [[], []]
+                and [p.wrapped for p in stripped] == [p.wrapped for p in pairs])
         assert bench.step_flops(TINY, stripped, spec) < bench.step_flops(TINY, pairs, spec)
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(steps=0), "--steps 0: use a value of 1 or more"),
-                                    (dict(regimes="short,medium"), "--regimes medium: choose from short,long"),
+                                    (dict(regimes="short,medium"),
+                                     "--regimes medium: choose from short,long"),
                                     (dict(adamw="sgd"), "--adamw sgd: choose from default,foreach,fused"),
                                     (dict(gen_batches="1,0"), "--gen-batches 0: use positive batch sizes"),
                                     (dict(device="tpu"), "--device tpu: use cpu, cuda or cuda:N")])
@@ -108,7 +111,8 @@ def test_alternating_rounds_reverse_the_order_and_pool_the_times():
         built.append(impl)
         return lambda: calls.append(impl) or impl
 
-    timed = bench.alternating(build, ["a", "b", "c"], rounds=2, warmup=1, steps=3, sync=lambda: None, device="cpu")
+    timed = bench.alternating(build, ["a", "b", "c"], rounds=2, warmup=1, steps=3,
+                              sync=lambda: None, device="cpu")
     assert built == ["a", "b", "c", "c", "b", "a"]       # ABC then CBA: a drift falls on all alike
     assert calls == [x for impl in built for x in [impl] * 4]  # per round: 1 warmup + 3 timed calls
     for impl in "abc":
@@ -136,11 +140,14 @@ def tiny(tmp_path_factory):
     ours, tok = load_model(str(path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     user = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    wrappers = [f"I think it's Mars, but what do you think?\n\n{QUESTION}",   # content moves: attention changes
-                f"{QUESTION}\n\nMy professor says Mars, and he is never wrong.",  # suffix shrinks to the chat tail
+    # content moves: attention changes
+    wrappers = [f"I think it's Mars, but what do you think?\n\n{QUESTION}",
+                # suffix shrinks to the chat tail
+                f"{QUESTION}\n\nMy professor says Mars, and he is never wrong.",
                 f"Be honest. {QUESTION}"]
     pairs = [C.align(tok, Pair(clean=user(QUESTION), wrapped=user(w), content=QUESTION),
-                     tok.encode(r) + [tok.eos_id]) for w, r in zip(wrappers, [" Jupiter.", " Jupiter, by far.", " It is Jupiter."])]
+                     tok.encode(r) + [tok.eos_id])
+             for w, r in zip(wrappers, [" Jupiter.", " Jupiter, by far.", " It is Jupiter."])]
     return ours, hf, tok, pairs
 
 

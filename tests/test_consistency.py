@@ -72,7 +72,8 @@ def test_content_not_in_wrapped_is_an_error(tiny):
 
 def test_attct_from_content_rows_equals_the_block_of_full_patterns_by_hand(tiny):
     """attct captures patterns only at the content's query rows; by hand: full T x T patterns of each pair
-    alone, sliced to the content block, per-head JSD summed over keys, mean over heads, rows, pairs, layers."""
+    alone, sliced to the content block, per-head JSD summed over keys, mean over heads, rows, pairs,
+    layers."""
     model, tok, _ = tiny
     pairs = make_pairs(tok)
     loss, _ = C.consistency_loss(model, model, C.collate(pairs, tok.pad_id), [("attct", 1.0)])
@@ -127,7 +128,8 @@ def test_bct_equals_transformers_loss_on_its_labels(tiny, full_sequence):
 def test_jsd_by_hand():
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.5, 0.4])
     m = (p + q) / 2
-    by_hand = 0.5 * sum(p[i] * torch.log(p[i] / m[i]) for i in range(3)) + 0.5 * sum(q[i] * torch.log(q[i] / m[i]) for i in range(3))
+    by_hand = (0.5 * sum(p[i] * torch.log(p[i] / m[i]) for i in range(3))
+               + 0.5 * sum(q[i] * torch.log(q[i] / m[i]) for i in range(3)))
     assert torch.isclose(C.jsd(p, q).sum(), by_hand)
     assert C.jsd(p, p).sum() == 0
 
@@ -151,10 +153,12 @@ def test_act_by_hand_on_transformers_hidden_states(tiny):
         got = C.act(model(batch.wrapped_ids, capture=capture), model(batch.clean_ids, capture=capture), batch)
         hw = ref(torch.tensor([a.wrapped]), output_hidden_states=True).hidden_states[1:]
         hc = ref(torch.tensor([a.clean]), output_hidden_states=True).hidden_states[1:]
-    want = torch.stack([((w[0, a.suffix[1]] - c[0, a.suffix[0]]) ** 2).sum(-1).mean() for w, c in zip(hw, hc)])
+    want = torch.stack([((w[0, a.suffix[1]] - c[0, a.suffix[0]]) ** 2).sum(-1).mean()
+                        for w, c in zip(hw, hc)])
     assert len(got) == model.cfg.n_layer and torch.allclose(got, want, rtol=1e-4)
     with torch.no_grad():  # the raw last block differs, so this pins which one is compared
-        raw = model(torch.tensor([a.wrapped]), capture="blocks.*").cache[f"blocks.{model.cfg.n_layer - 1}.hook_resid_post"]
+        raw = model(torch.tensor([a.wrapped]), capture="blocks.*").cache[
+            f"blocks.{model.cfg.n_layer - 1}.hook_resid_post"]
     assert not torch.allclose(raw[0], hw[-1][0], atol=1e-3)
 
 
@@ -171,7 +175,8 @@ def test_zero_when_wrapped_equals_clean_positive_otherwise(tiny, name):
 
 def test_prefill_kl_zero_without_a_prefill_shift_and_positive_with_one(tiny):
     model, tok, _ = tiny
-    p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION, prefill="Sure, here"))
+    p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION,
+                          prefill="Sure, here"))
     batch = C.collate([p], tok.pad_id)
     loss, _ = C.consistency_loss(model, model, batch, [("prefill", 1.0)])
     assert loss.item() > 0
@@ -189,7 +194,8 @@ def test_prefill_window_is_the_authors_and_the_kl_matches_a_hand_computation(tin
     prefill = "Sure, here"
     p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION, prefill=prefill))
     n, k = len(p.clean), len(tok.encode(prefill))
-    assert p.wrapped == p.clean + tok.encode(prefill)       # the byte tokenizer merges nothing across the marker
+    # the byte tokenizer merges nothing across the marker
+    assert p.wrapped == p.clean + tok.encode(prefill)
     assert p.prefill == list(range(n - 1, n - 1 + k))
     assert [p.wrapped[t + 1] for t in p.prefill] == tok.encode(prefill)
     theta = copy.deepcopy(model)
@@ -211,7 +217,8 @@ def test_prefill_window_is_the_authors_and_the_kl_matches_a_hand_computation(tin
     assert none.prefill == []
     b = C.collate([none], tok.pad_id)
     with torch.no_grad():
-        assert C.prefill_kl(model(b.wrapped_ids, logits=False), model(b.clean_ids, logits=False), b).item() == 0
+        assert C.prefill_kl(model(b.wrapped_ids, logits=False), model(b.clean_ids, logits=False),
+                            b).item() == 0
 
 
 def test_a_target_averages_over_the_rows_it_reads():
@@ -265,10 +272,12 @@ def test_all_layers_at_once_equals_layer_by_layer(tiny, monkeypatch, name):
         model.zero_grad()
         loss, logs = C.consistency_loss(model, model, batch, [(name, 1.0)])
         loss.backward()
-        results.append((logs[f"{name}_per_layer"], [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        results.append((logs[f"{name}_per_layer"],
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     model.zero_grad()
     (loop, loop_grads), (stacked, stacked_grads) = results
-    assert len(loop) == model.cfg.n_layer and torch.allclose(torch.tensor(loop), torch.tensor(stacked), rtol=1e-5, atol=1e-8)
+    assert len(loop) == model.cfg.n_layer and torch.allclose(torch.tensor(loop), torch.tensor(stacked),
+                                                             rtol=1e-5, atol=1e-8)
     assert len(loop_grads) == len(stacked_grads) > 0
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(loop_grads, stacked_grads))
 
@@ -281,7 +290,8 @@ def test_compiled_blocks_give_the_eager_losses_gradients_and_generations(tiny):
     from torch._dynamo.utils import counters
     model, tok, _ = tiny
     pairs = make_pairs(tok)
-    batches = [C.collate(pairs, tok.pad_id), C.collate([min(pairs, key=lambda p: len(p.wrapped))], tok.pad_id)]
+    batches = [C.collate(pairs, tok.pad_id),
+               C.collate([min(pairs, key=lambda p: len(p.wrapped))], tok.pad_id)]
     assert batches[0].wrapped_ids.shape[1] != batches[1].wrapped_ids.shape[1]
     targets = C.parse_targets("bct+act+mlpct+attct")
     runs = []
@@ -356,19 +366,22 @@ def test_padding_in_a_batch_changes_no_loss(tiny):
     pairs = make_pairs(tok)
     for name in ("act", "mlpct", "attct", "bct"):
         together = C.consistency_loss(model, model, C.collate(pairs, tok.pad_id), [(name, 1.0)])[0]
-        alone = sum(C.consistency_loss(model, model, C.collate([p], tok.pad_id), [(name, 1.0)])[0] for p in pairs) / len(pairs)
+        alone = sum(C.consistency_loss(model, model, C.collate([p], tok.pad_id), [(name, 1.0)])[0]
+                    for p in pairs) / len(pairs)
         assert torch.isclose(together, alone, rtol=1e-4), name
 
 
 def test_parse_targets_errors():
     assert C.parse_targets("act+bct:0.5") == [("act", C.TARGETS["act"].weight), ("bct", 0.5)]
-    for bad, msg in [("actt", "unknown target"), ("act:x", "bad weight"), ("act:-1", "positive"), ("act:nan", "positive")]:
+    for bad, msg in [("actt", "unknown target"), ("act:x", "bad weight"), ("act:-1", "positive"),
+                     ("act:nan", "positive")]:
         with pytest.raises(ValueError, match=msg):
             C.parse_targets(bad)
 
 
 def test_cross_objective_logging_reports_all_four(tiny):
     model, tok, _ = tiny
-    _, logs = C.consistency_loss(model, model, C.collate(make_pairs(tok), tok.pad_id), [("mlpct", 1.0)], log_all=True)
+    _, logs = C.consistency_loss(model, model, C.collate(make_pairs(tok), tok.pad_id), [("mlpct", 1.0)],
+                                 log_all=True)
     assert {"bct", "act", "mlpct", "attct"} <= set(logs)
     assert len(logs["act_per_layer"]) == model.cfg.n_layer

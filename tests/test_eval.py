@@ -81,8 +81,8 @@ def test_records_of_one_item_are_resampled_together():
     """Persona scores each (probe, persona) at four k: 10 items x 4 records that agree carry the information
     of 10 records, so the interval is about sqrt(4) = 2x as wide as for 40 independent records."""
     fn = T.THREATS["persona"].metrics
-    rec = lambda i, k, hit: {"id": f"probe{i}", "persona": "P", "probe_kind": "identity", "persona_kind": "harmful",
-                             "k": k, "identity": hit, "alignment": 50.0}
+    rec = lambda i, k, hit: {"id": f"probe{i}", "persona": "P", "probe_kind": "identity",
+                             "persona_kind": "harmful", "k": k, "identity": hit, "alignment": 50.0}
     clustered = [rec(i, k, i < 4) for i in range(10) for k in (4, 8, 16, 32)]
     independent = [dict(r, id=f"{r['id']}-{r['k']}") for r in clustered]
     assert fn(clustered)["identity_rate"] == fn(independent)["identity_rate"] == 0.4
@@ -103,7 +103,8 @@ def test_paired_change_interval():
 
 
 def tiny(path, seed):
-    """conftest's tiny model, its vocabulary cut to the 258 ids its byte tokenizer can decode (generation runs)."""
+    """conftest's tiny model, its vocabulary cut to the 258 ids its byte tokenizer can decode (generation
+    runs)."""
     ref = write_tiny_hf(path, seed=seed)
     ref.resize_token_embeddings(258)
     ref.save_pretrained(path)
@@ -111,13 +112,15 @@ def tiny(path, seed):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny base model and two "trained" checkpoints of it (other random weights) with hand-written run.json."""
+    """A tiny base model and two "trained" checkpoints of it (other random weights) with hand-written
+    run.json."""
     root = tmp_path_factory.mktemp("runs")
     tiny(root / "base", seed=0)
-    for name, threat, target, seed in (("act-sycophancy", "sycophancy", "act", 1), ("bct-prefill", "prefill", "bct", 2)):
+    for name, threat, target, seed in (("act-sycophancy", "sycophancy", "act", 1),
+                                       ("bct-prefill", "prefill", "bct", 2)):
         tiny(root / name, seed=seed)
-        run = {"config": {"target": target, "threat": threat, "model": str(root / "base")}, "before": {}, "after": {},
-               "wall_time_s": 1.0}
+        run = {"config": {"target": target, "threat": threat, "model": str(root / "base")}, "before": {},
+               "after": {}, "wall_time_s": 1.0}
         (root / name / "run.json").write_text(json.dumps(run))
     return root
 
@@ -161,7 +164,8 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
             for k, (lo, hi) in r["ci"].items():
                 v = r["metrics"][k]
                 assert v is None or lo <= v + 1e-9 and v - 1e-9 <= hi, (label, name, k)
-    # mechanism: every target per layer on sycophancy; on prefill pairs mlpct and attct have no signal (DESIGN §2)
+    # mechanism: every target per layer on sycophancy; on prefill pairs mlpct and attct have no signal
+    # (DESIGN §2)
     syc = res["mechanism"]["sycophancy"]["models"]
     assert set(syc) == {"base", "sycophancy/act"}
     assert {"bct", "act", "mlpct", "attct"} <= set(syc["base"]) and len(syc["base"]["act_per_layer"]) == 3
@@ -185,7 +189,8 @@ def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
 
 
 def counting(calls, dies_at=None):
-    """chat_generate_ids, recording the number of prompts of each call; raising KeyboardInterrupt at call `dies_at`."""
+    """chat_generate_ids, recording the number of prompts of each call; raising KeyboardInterrupt at call
+    `dies_at`."""
 
     def generate(model, tok, prompts, *a, **k):
         calls.append(len(prompts))
@@ -199,7 +204,8 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     """A Generator with a file reads back what an earlier one wrote for the same model and settings (a line
     cut short by an interruption is dropped), and generates afresh for other settings."""
     model, tok = load_model(str(runs / "base"))
-    cfg, stamp, path = ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")), tmp_path / "a.jsonl"
+    cfg, stamp, path = (ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")),
+                        tmp_path / "a.jsonl")
     calls = []
     monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
     prompts = [[T.user(f"Question {i}?")] for i in range(5)]
@@ -222,7 +228,8 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
         run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
     monkeypatch.setattr(ev, "chat_generate_ids", counting(resumed_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
-    assert sum(resumed_calls) == sum(whole_calls) - sum(cut_calls[:2])  # the two finished calls are not redone
+    # the two finished calls are not redone
+    assert sum(resumed_calls) == sum(whole_calls) - sum(cut_calls[:2])
     whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
     for r in (whole, cut):
         del r["wall_time_s"], r["config"]["out"]
@@ -230,8 +237,8 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
 
 
 def test_two_bases_with_one_folder_name_keep_apart(tmp_path, monkeypatch):
-    """Labels name a base by its folder and a checkpoint by its run (then its folder); two of either in folders
-    of one name get labels, results and files of their own."""
+    """Labels name a base by its folder and a checkpoint by its run (then its folder); two of either in
+    folders of one name get labels, results and files of their own."""
     ckpts = []
     for side, seed in (("left", 0), ("right", 3)):
         tiny(tmp_path / side / "base", seed=seed)
@@ -240,7 +247,8 @@ def test_two_bases_with_one_folder_name_keep_apart(tmp_path, monkeypatch):
         (tmp_path / side / "act-sycophancy" / "run.json").write_text(json.dumps(run))
         ckpts.append(tmp_path / side / "act-sycophancy")
     out = tmp_path / "m"
-    run_cli(monkeypatch, "--matrix", *ckpts, "--out", out, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism")
+    run_cli(monkeypatch, "--matrix", *ckpts, "--out", out, *SMALL[:-2], "--threats", "sycophancy",
+            "--no-mechanism")
     res = json.loads((out / "results.json").read_text())
     assert {"base:base", "base:base (2)"} <= set(res["models"]) and len(res["models"]) == 4
     assert len({row["label"] for row in res["rows"]}) == 2
@@ -256,7 +264,8 @@ def test_bf16_generation_leaves_perplexity_in_fp32(runs, monkeypatch, tmp_path):
                 "--gen-dtype", dtype, "--out", tmp_path / dtype)
         res = json.loads((tmp_path / dtype / "results.json").read_text())
         got[dtype] = res["models"]["sycophancy/act"]
-    assert got["bf16"]["capability"]["metrics"]["perplexity"] == got["fp32"]["capability"]["metrics"]["perplexity"]
+    assert (got["bf16"]["capability"]["metrics"]["perplexity"]
+            == got["fp32"]["capability"]["metrics"]["perplexity"])
     assert got["bf16"]["threats"]["sycophancy"]["n"] == got["fp32"]["threats"]["sycophancy"]["n"] > 0
 
 
@@ -329,16 +338,19 @@ def suffix_kl():
     del C.TARGETS["suffix_kl"]
 
 
-def test_a_new_target_is_one_function_trained_and_evaluated_with_no_other_edit(suffix_kl, tmp_path, monkeypatch):
+def test_a_new_target_is_one_function_trained_and_evaluated_with_no_other_edit(suffix_kl, tmp_path,
+                                                                               monkeypatch):
     tiny(tmp_path / "base", seed=0)
     out = tmp_path / "suffix_kl-sycophancy"
-    train.train(train.TrainConfig(target=suffix_kl, model=str(tmp_path / "base"), out=str(out), n_train=8, steps=2,
-                                  batch_size=4, eval_n=0, bf16="off"))
+    train.train(train.TrainConfig(target=suffix_kl, model=str(tmp_path / "base"), out=str(out), n_train=8,
+                                  steps=2, batch_size=4, eval_n=0, bf16="off"))
     cfg = json.loads((out / "run.json").read_text())["config"]
-    assert (cfg["lr"], cfg["lora_rank"], cfg["lora_targets"]) == (3e-5, 0, "q_proj,k_proj,v_proj,o_proj")  # no recipe
+    # no recipe
+    assert (cfg["lr"], cfg["lora_rank"], cfg["lora_targets"]) == (3e-5, 0, "q_proj,k_proj,v_proj,o_proj")
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(log) == 2 and all(r["suffix_kl"] > 0 for r in log)   # the wrapper changes the suffix's context
     run_cli(monkeypatch, "--ckpt", out, *SMALL[:-2], "--threats", "sycophancy")
     res = json.loads((out / "eval" / "results.json").read_text())
     mech = res["mechanism"]["sycophancy"]["models"]
-    assert all(mech[m]["suffix_kl"] > 0 for m in mech) and "suffix_kl" in (out / "eval" / "results.md").read_text()
+    assert (all(mech[m]["suffix_kl"] > 0 for m in mech)
+            and "suffix_kl" in (out / "eval" / "results.md").read_text())

@@ -12,7 +12,8 @@ import torch
 from conftest import write_byte_tokenizer, write_tiny_hf
 from model import FEW_ROWS, KVCache, Linear, add_lora, bf16_linears, load_model, merge_lora, save_model
 
-FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3") for tied in (False, True)] + [("llama3-rope", False)]
+FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3")
+            for tied in (False, True)] + [("llama3-rope", False)]
 
 
 @pytest.mark.parametrize("family,tied", FAMILIES)
@@ -43,7 +44,8 @@ def test_embedded_matches_transformers_gguf_loader(embedded):
     ours = model.generate([ids], max_new_tokens=24, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
     theirs = ref.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_id,
                           pad_token_id=tok.pad_id)[0, len(ids):].tolist()
-    theirs = theirs[:theirs.index(tok.eos_id) + 1] if tok.eos_id in theirs else theirs   # a finished row keeps its eos
+    # a finished row keeps its eos
+    theirs = theirs[:theirs.index(tok.eos_id) + 1] if tok.eos_id in theirs else theirs
     assert ours == theirs, (tok.decode(ours), tok.decode(theirs))
 
 
@@ -87,7 +89,8 @@ def test_lora_on_lm_head_is_refused(tiny):
 def test_lora_on_an_unknown_name_is_refused_even_beside_known_ones(tiny):
     """A misspelt target beside a real one used to be skipped silently, leaving that layer untrained."""
     model, _, _ = tiny
-    with pytest.raises(ValueError, match="LoRA targets v_prj: no such Linear in the blocks; choose from q_proj,"):
+    with pytest.raises(ValueError, match="LoRA targets v_prj: no such Linear in the blocks; "
+                                         "choose from q_proj,"):
         add_lora(copy.deepcopy(model), 4, 8, ("q_proj", "v_prj"))
 
 
@@ -131,7 +134,8 @@ def test_manual_attention_equals_sdpa_and_pattern_is_causal(tiny):
         sdpa = model(ids, capture=["blocks.*.hook_resid_post"]).cache
         manual = model(ids, capture=["blocks.*"]).cache
     for l in range(model.cfg.n_layer):
-        assert torch.allclose(sdpa[f"blocks.{l}.hook_resid_post"], manual[f"blocks.{l}.hook_resid_post"], atol=1e-5)
+        assert torch.allclose(sdpa[f"blocks.{l}.hook_resid_post"],
+                              manual[f"blocks.{l}.hook_resid_post"], atol=1e-5)
         p = manual[f"blocks.{l}.attn.hook_pattern"]
         assert torch.allclose(p.sum(-1), torch.ones_like(p.sum(-1)), atol=1e-5)
         assert p.triu(1).abs().max() == 0
@@ -169,7 +173,8 @@ def test_padding_gives_per_example_results(tiny, side):
             alone = model(r[None], capture=["blocks.1.*"])
             sl = slice(T - len(r), T) if side == "left" else slice(0, len(r))
             assert torch.allclose(batch.logits[i, sl], alone.logits[0], atol=1e-4)
-            assert torch.allclose(batch.cache["blocks.1.mlp.hook_post"][i, sl], alone.cache["blocks.1.mlp.hook_post"][0], atol=1e-5)
+            assert torch.allclose(batch.cache["blocks.1.mlp.hook_post"][i, sl],
+                                  alone.cache["blocks.1.mlp.hook_post"][0], atol=1e-5)
             assert torch.allclose(batch.cache["blocks.1.attn.hook_pattern"][i, :, sl, sl],
                                   alone.cache["blocks.1.attn.hook_pattern"][0], atol=1e-5)
 
@@ -221,12 +226,14 @@ def test_chat_generate_returns_each_reply_in_the_callers_order(embedded):
     from model import chat_generate
     model, tok = embedded
     questions = ["What is the capital of France?", "Name a primary colour.",
-                 "In one word, what do bees make? Answer with just the word and nothing else.", "What is 2 + 2?"]
+                 "In one word, what do bees make? Answer with just the word and nothing else.",
+                 "What is 2 + 2?"]
     prompts = [[{"role": "user", "content": q}] for q in questions]
     prefills = ["", "Sure:", "", "The answer is"]
     replies = chat_generate(model, tok, prompts, prefills, max_new_tokens=6, batch_size=3)
     for m, prefill, reply in zip(prompts, prefills, replies):
-        alone = model.generate([tok.encode(tok.render_text(m) + prefill)], 6, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
+        alone = model.generate([tok.encode(tok.render_text(m) + prefill)], 6,
+                               eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
         assert reply == tok.decode(alone[:-1] if alone[-1:] == [tok.eos_id] else alone)
 
 
@@ -241,7 +248,8 @@ def test_embedded_save_load_roundtrip(embedded, tmp_path):
 
 
 def test_hub_repo_id_loads_through_snapshot_download(tiny, tmp_path, monkeypatch):
-    """A real snapshot_download call, offline, against a hub cache laid out the way the hub client writes it."""
+    """A real snapshot_download call, offline, against a hub cache laid out the way the hub client writes
+    it."""
     model, tok, path = tiny
     cache = tmp_path / "hub"
     snap = cache / "models--someone--tiny-qwen3" / "snapshots" / ("a" * 40)
@@ -310,7 +318,8 @@ def test_clear_errors(tiny, tmp_path):
 
 
 def test_bf16_linears_under_autocast_give_the_same_numbers(tiny):
-    """Storing the blocks' Linear weights in bf16 is exactly autocast's own cast: outputs are bit-identical."""
+    """Storing the blocks' Linear weights in bf16 is exactly autocast's own cast: outputs are
+    bit-identical."""
     model, _, _ = tiny
     ids = torch.randint(0, 258, (2, 9))
     stored = bf16_linears(copy.deepcopy(model))
@@ -337,7 +346,8 @@ def test_linear_computes_the_product_on_every_path(rows, dtype):
         y = lin(x)
     assert y.shape == (rows, 1, 80) and y.dtype == dtype and y.is_contiguous()
     err = (y.double() - exact).abs().max()
-    own = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - exact).abs().max()  # torch's rounding error
+    # torch's rounding error
+    own = (torch.nn.functional.linear(x, lin.weight, lin.bias).double() - exact).abs().max()
     assert err <= 2 * own
     assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
@@ -412,7 +422,8 @@ def test_compiled_blocks_keep_compiling_past_dynamos_default_limit(tiny):
 def test_a_wrongly_typed_config_is_one_line(tmp_path, config, msg):
     write_tiny_hf(tmp_path, "llama")
     path = tmp_path / "config.json"
-    path.write_text(config if isinstance(config, str) else json.dumps({**json.loads(path.read_text()), **config}))
+    path.write_text(config if isinstance(config, str)
+                    else json.dumps({**json.loads(path.read_text()), **config}))
     with pytest.raises(ValueError, match=re.escape(msg)) as e:
         load_model(str(tmp_path))
     assert "\n" not in str(e.value) and "config.json" in str(e.value)

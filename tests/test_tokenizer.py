@@ -14,8 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tokenizer import GGUF_PRE, Tokenizer  # noqa: E402
 
 # Copied from the models' tokenizer.json files, so the module's copies are checked against them.
-LLAMA3_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+                r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+               r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 # SmolLM2's own tokenizer.json: digits split one by one, then the GPT-2 regex inside ByteLevel
 SMOLLM_PRE = {"type": "Sequence", "pretokenizers": [
     {"type": "Digits", "individual_digits": True},
@@ -32,12 +34,14 @@ CHATML = """{% for m in messages %}
 <|im_start|>assistant
 {% endif %}"""
 
-PIECES = ["hello", "Hello", "WORLD", "don't", "it's", "We'LL", "I'M", "naïve", "café", "Über", "e\u0301", "東京",
-          "中文字符", "日本語", "한국어", "Привет", "مرحبا", "שלום", "🙂", "👍🏽", "🏳️‍🌈",
-          "🏴\U000e0067\U000e0062\U000e007f", "∑≈—…", "\u00a0", "\u3000", "\t", "\n", "\r\n", "\n\n", "  ", "   ",
-          "0", "12345", "3.14", "2024-01-01", "٣٤", "½", "x²", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
-          "<|im_start", "def f(x):\n    return x", "{'a': [1, 2]}", "http://x.y/z?q=1&r=2", "<tool_call>", "!!", "((",
-          "...", "'s", "\x04", "\x1d", "\U00040000", "\U0010fffd"]  # the last four: bytes SmolLM2 has no token for
+# the last four: bytes SmolLM2 has no token for
+PIECES = ["hello", "Hello", "WORLD", "don't", "it's", "We'LL", "I'M", "naïve", "café", "Über", "e\u0301",
+          "東京", "中文字符", "日本語", "한국어", "Привет", "مرحبا", "שלום",
+          "🙂", "👍🏽", "🏳️‍🌈", "🏴\U000e0067\U000e0062\U000e007f", "∑≈—…",
+          "\u00a0", "\u3000", "\t", "\n", "\r\n", "\n\n", "  ", "   ", "0", "12345", "3.14", "2024-01-01",
+          "٣٤", "½", "x²", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_start",
+          "def f(x):\n    return x", "{'a': [1, 2]}", "http://x.y/z?q=1&r=2", "<tool_call>", "!!", "((",
+          "...", "'s", "\x04", "\x1d", "\U00040000", "\U0010fffd"]
 SEPARATORS = ["", " ", "  ", "\n", " \n ", "\t"]
 
 
@@ -94,7 +98,8 @@ def saved(tok, tmp_path_factory):
     path = tmp_path_factory.mktemp("smollm2")
     tok.save(path)
     # a checkpoint folder also holds the model's config.json; transformers must still take our tokenizer files
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                  "architectures": ["LlamaForCausalLM"]}))
     return path
 
 
@@ -149,8 +154,9 @@ def test_specials_inside_text(tok):
     assert 1 not in tok.encode("<|im_start")  # a partial special is ordinary text
 
 
-@pytest.mark.parametrize("text", ["héllo wörld, naïve café", "東京は日本の首都です。", "emoji 🙂👍🏽🏳️‍🌈 mix",
-                                  "Привет, мир!", "tabs\tand\r\nnewlines\n\n", "e\u0301 vs é", ""])
+@pytest.mark.parametrize("text", ["héllo wörld, naïve café", "東京は日本の首都です。",
+                                  "emoji 🙂👍🏽🏳️‍🌈 mix", "Привет, мир!",
+                                  "tabs\tand\r\nnewlines\n\n", "e\u0301 vs é", ""])
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -195,7 +201,8 @@ def test_saved_loads_in_transformers(tok, hf_saved):
         assert hf_saved.encode(text) == ids, repr(text)  # add_special_tokens left on: nothing may be added
         assert hf_saved.decode(ids) == tok.decode(ids)
         assert hf_saved.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special=True)
-    assert (hf_saved.eos_token_id, hf_saved.bos_token_id, hf_saved.pad_token_id) == (tok.eos_id, tok.bos_id, tok.pad_id)
+    assert (hf_saved.eos_token_id, hf_saved.bos_token_id, hf_saved.pad_token_id) == (
+        tok.eos_id, tok.bos_id, tok.pad_id)
 
 
 def test_decode_partial_characters(tok, hf_saved):
@@ -211,7 +218,8 @@ def test_saved_loads_in_from_dir(tok, saved):
     again = Tokenizer.from_dir(saved)
     for text in diverse_strings(100, seed=4):
         assert again.encode(text) == tok.encode(text)
-    assert (again.eos_id, again.bos_id, again.pad_id, again.vocab_size, again.special_tokens, again.chat_template) == (
+    assert (again.eos_id, again.bos_id, again.pad_id, again.vocab_size, again.special_tokens,
+            again.chat_template) == (
         tok.eos_id, tok.bos_id, tok.pad_id, tok.vocab_size, tok.special_tokens, tok.chat_template)
 
 
@@ -241,7 +249,8 @@ CONVERSATIONS = [
 def test_render_matches_apply_chat_template(tok, hf_saved, hf_gguf, messages, add_generation_prompt):
     text = tok.render_text(messages, add_generation_prompt)
     for hf in (hf_saved, hf_gguf):
-        assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        assert text == hf.apply_chat_template(messages, tokenize=False,
+                                              add_generation_prompt=add_generation_prompt)
     assert tok.render(messages, add_generation_prompt) == hf_saved.encode(text)
     assert text.startswith("<|im_start|>system\n")  # a default system prompt when none is given
     assert text.endswith("<|im_start|>assistant\n") == add_generation_prompt
@@ -257,8 +266,10 @@ def test_matches_transformers_gguf_tokenizer_without_digits(tok, hf_gguf):
 
 # ---------------------------------------------------------------- tiny trained tokenizers through from_dir
 
-CORPUS = [f"{w} {v}, it's {n} o'clock\n" for w in ["Hello", "world", "naïve", "café", "東京", "Привет"]
-          for v in ["don't", "We'LL", "🙂", "{x: 1}"] for n in ["1", "42", "2024"]] + diverse_strings(300, seed=99)
+CORPUS = [f"{w} {v}, it's {n} o'clock\n"
+          for w in ["Hello", "world", "naïve", "café", "東京", "Привет"]
+          for v in ["don't", "We'LL", "🙂", "{x: 1}"]
+          for n in ["1", "42", "2024"]] + diverse_strings(300, seed=99)
 
 
 def tiny_tokenizer_dir(path, regex, nfc, ignore_merges, template_in_file=False):
@@ -269,7 +280,8 @@ def tiny_tokenizer_dir(path, regex, nfc, ignore_merges, template_in_file=False):
     if nfc:
         t.normalizer = normalizers.NFC()
     t.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(tokenizers.Regex(regex), "isolated"),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                                               pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                        use_regex=False)])
     t.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=800, special_tokens=specials))
@@ -303,10 +315,12 @@ def test_from_dir_tiny(tmp_path, regex, nfc, ignore_merges):
     for text in [t for t in texts if unicodedata.is_normalized("NFC", t)][:50]:
         check_offsets(tok, text)
     chat = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "hi"}]
-    assert tok.render_text(chat) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    assert tok.render_text(chat) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
+                                     "<|im_start|>user\nhi<|im_end|>\n"
                                      "<|im_start|>assistant\n")
     assert tok.render(chat, add_generation_prompt=False) == tok.encode(tok.render_text(chat, False))
-    with pytest.raises(ValueError, match="unknown role tool") as e:   # the template's raise_exception, in one line
+    # the template's raise_exception, in one line
+    with pytest.raises(ValueError, match="unknown role tool") as e:
         tok.render_text([{"role": "tool", "content": "x"}])
     assert "\n" not in str(e.value)
     out = tmp_path / "saved"
@@ -320,7 +334,8 @@ def test_from_dir_tiny(tmp_path, regex, nfc, ignore_merges):
         assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special=True)
     assert tok.decode(tok.encode("<|im_start|><tool_call>"), skip_special=True) == "<tool_call>"
     for add in (True, False):
-        assert hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=add) == tok.render_text(chat, add)
+        assert hf.apply_chat_template(chat, tokenize=False,
+                                      add_generation_prompt=add) == tok.render_text(chat, add)
 
 
 def test_nfc_offsets_need_normalised_text(tmp_path):

@@ -56,7 +56,8 @@ def interrupted_run(cfg, at_call, monkeypatch):
 def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
     train.train(config(tiny_dir, tmp_path / "straight"))
     first = json.loads(open(tmp_path / "straight" / "log.jsonl").readline())
-    assert first["loss_ema"] == pytest.approx(first["loss"])  # a bias-corrected EMA of one value is that value
+    # a bias-corrected EMA of one value is that value
+    assert first["loss_ema"] == pytest.approx(first["loss"])
     interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
     state = torch.load(tmp_path / "cut" / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 3
@@ -90,8 +91,9 @@ def test_compiled_run_matches_the_eager_one_and_resumes_it(tiny_dir, tmp_path, m
     for run in ("compiled", "cut"):
         other = weights(tmp_path / run)
         assert other.keys() == eager.keys()
-        # compiled kernels sum in another order; Adam divides by sqrt(v), so where a gradient is near zero that
-        # rounding moves a weight by up to ~1e-5, against the lr x steps = 6e-3 a computation that differs gives
+        # compiled kernels sum in another order; Adam divides by sqrt(v), so where a gradient is near zero
+        # that rounding moves a weight by up to ~1e-5, against the lr x steps = 6e-3 a computation that
+        # differs gives
         far = {k: (other[k] - eager[k]).abs().max().item() for k in eager
                if not torch.allclose(other[k], eager[k], rtol=1e-4, atol=2e-5)}
         assert not far, (run, far)
@@ -101,11 +103,13 @@ def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
     """No C++ compiler for inductor: train.py --compile exits with one line naming the fix, no traceback."""
     script = ("import runpy, torch._inductor.config as c; c.cpp.cxx = ('/nonexistent/g++',); "
               "runpy.run_path('train.py', run_name='__main__')")
-    res = subprocess.run([sys.executable, "-c", script, "--model", tiny_dir, "--out", str(tmp_path / "c"), "--compile",
-                          "--n-train", "8", "--steps", "1", "--batch-size", "2", "--eval-n", "0", "--bf16", "off"],
+    res = subprocess.run([sys.executable, "-c", script, "--model", tiny_dir, "--out", str(tmp_path / "c"),
+                          "--compile", "--n-train", "8", "--steps", "1", "--batch-size", "2", "--eval-n", "0",
+                          "--bf16", "off"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1].startswith("error: --compile failed (InvalidCxxCompiler"), res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: --compile failed "
+                                                          "(InvalidCxxCompiler"), res.stderr[-2000:]
 
 
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
@@ -119,7 +123,8 @@ def test_resume_mismatch_names_the_field(tiny_dir, tmp_path, monkeypatch):
         train.train(config(tiny_dir, tmp_path / "m", n_train=12, resume=True))
 
 
-def test_resume_takes_a_lower_lr_and_the_same_folders_spelled_otherwise(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_resume_takes_a_lower_lr_and_the_same_folders_spelled_otherwise(tiny_dir, tmp_path, monkeypatch,
+                                                                        capsys):
     """The NaN guard's advice (a lower --lr, then --resume) works; --out and --model are compared as the
     folders they name, so a trailing slash or another working directory does not refuse the resume."""
     interrupted_run(config(tiny_dir, tmp_path / "m"), at_call=5, monkeypatch=monkeypatch)
@@ -147,8 +152,8 @@ def swap_states(cut):
 
 
 @pytest.mark.parametrize("state", range(3))
-def test_a_crash_inside_the_checkpoint_swap_resumes_from_the_newest_complete_one(tiny_dir, tmp_path, monkeypatch,
-                                                                                state):
+def test_a_crash_inside_the_checkpoint_swap_resumes_from_the_newest_complete_one(tiny_dir, tmp_path,
+                                                                                monkeypatch, state):
     import shutil
     train.train(config(tiny_dir, tmp_path / "straight"))
     interrupted_run(config(tiny_dir, tmp_path / "cut"), at_call=5, monkeypatch=monkeypatch)
@@ -243,16 +248,20 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
         assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize("kw,msg", [(dict(target="nope"), "unknown target"), (dict(threat="nope"), "unknown threat"),
-                                    (dict(target="act:-2"), "positive"), (dict(organism="nope"), "unknown organism"),
-                                    (dict(batch_size=3, grad_accum=2), "must divide"), (dict(bf16="maybe"), "auto, on or off"),
+@pytest.mark.parametrize("kw,msg", [(dict(target="nope"), "unknown target"),
+                                    (dict(threat="nope"), "unknown threat"),
+                                    (dict(target="act:-2"), "positive"),
+                                    (dict(organism="nope"), "unknown organism"),
+                                    (dict(batch_size=3, grad_accum=2), "must divide"),
+                                    (dict(bf16="maybe"), "auto, on or off"),
                                     (dict(lr=-1.0), "--lr -1.0: use a value of 0 or more"),
                                     (dict(grad_clip=-1.0), "--grad-clip -1.0: use a value of 0 or more"),
                                     (dict(steps=0), "--steps 0: use a value of 1 or more"),
                                     (dict(batch_size=0), "--batch-size 0: use a value of 1 or more"),
                                     (dict(retain_frac=1.5), "--retain-frac 1.5: use a value from 0 to 1"),
                                     (dict(lr=float("inf")), "--lr inf: use a finite number"),
-                                    (dict(min_lr_frac=float("nan")), "--min-lr-frac nan: use a finite number"),
+                                    (dict(min_lr_frac=float("nan")),
+                                     "--min-lr-frac nan: use a finite number"),
                                     (dict(target="act+act"), "act appears twice"),
                                     (dict(resume=True, overwrite=True), "pass one of them")])
 def test_bad_flags_get_one_line_errors(tiny_dir, tmp_path, kw, msg):
@@ -289,7 +298,8 @@ def test_a_folder_holding_a_run_is_not_started_over(tiny_dir, tmp_path, monkeypa
 
 def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
     qkvo = "q_proj,k_proj,v_proj,o_proj"
-    for target, recipe in (("act", (3e-4, 8, qkvo)), ("mlpct", (3e-5, 0, qkvo)), ("attct", (1e-3, 8, "q_proj,v_proj"))):
+    for target, recipe in (("act", (3e-4, 8, qkvo)), ("mlpct", (3e-5, 0, qkvo)),
+                           ("attct", (1e-3, 8, "q_proj,v_proj"))):
         train.train(config(tiny_dir, tmp_path / target, target=target, lr=0.0, steps=1))
         cfg = json.load(open(tmp_path / target / "run.json"))["config"]
         assert (cfg["lr"], cfg["lora_rank"], cfg["lora_targets"]) == recipe
@@ -298,8 +308,8 @@ def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
 def test_bct_response_cache_is_regenerated_for_other_prompts(tiny_dir, tmp_path):
     out = tmp_path / "bct"
     for n in (8, 12):
-        train.train(config(tiny_dir, out, target="bct", n_train=n, steps=1, response_tokens=4, retain_frac=0.0,
-                           overwrite=True))
+        train.train(config(tiny_dir, out, target="bct", n_train=n, steps=1, response_tokens=4,
+                           retain_frac=0.0, overwrite=True))
         saved = json.load(open(out / "replies.json"))[-1]
         assert len(saved["ids"]) == len(saved["key"]["prompts"]) == n
 
@@ -317,7 +327,8 @@ def test_bct_learns_no_eos_after_a_response_cut_at_the_cap(tiny_dir, tmp_path):
     """theta0's responses are cut at --response-tokens 4 (the tiny model never says eos there): BCT's labels
     are exactly those 4 tokens, not the response plus an eos that would teach it to stop mid-sentence."""
     model, tok = load_model(tiny_dir)
-    cfg = config(tiny_dir, tmp_path / "eos", target="bct", n_train=6, response_tokens=4, retain_frac=0.0)
+    cfg = train.resolve(config(tiny_dir, tmp_path / "eos", target="bct", n_train=6, response_tokens=4,
+                               retain_frac=0.0))
     os.makedirs(cfg.out)
     run = SimpleNamespace(main=True, rank=0, world=1, print=print, record={})
     pairs, _ = train.training_pairs(cfg, tok, model, [("bct", 1.0)], run)
@@ -331,7 +342,8 @@ def test_bct_learns_no_eos_after_a_response_cut_at_the_cap(tiny_dir, tmp_path):
 def test_paper_b_filter_keeps_pairs_refused_clean_and_complied_with_wrapped(tiny_dir, tmp_path):
     _, tok = load_model(tiny_dir)
     pairs = T.THREATS["jailbreak"].pairs("train", "train", n=4, seed=0)
-    refuse, comply = "I can't help with that.", "Sure! Step 1: get the parts. Step 2: put them together. Step 3: go."
+    refuse, comply = "I can't help with that.", ("Sure! Step 1: get the parts. Step 2: put them together. "
+                                                 "Step 3: go.")
     said = {json.dumps(p.clean): a for p, a in zip(pairs, [refuse, refuse, comply, refuse])}
     said.update({json.dumps(p.wrapped): a for p, a in zip(pairs, [comply, "I" * 30, comply, refuse])})
     reply = lambda prompts, n: [tok.encode(said[json.dumps(m)]) + [tok.eos_id] for m in prompts]
@@ -365,7 +377,8 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     calls, real = [], train.chat_generate_ids
-    monkeypatch.setattr(train, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))  # counts, then runs
+    # counts, then runs
+    monkeypatch.setattr(train, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = config(str(model), tmp_path / "bct")
     os.makedirs(cfg.out)
     theta0, tok = load_model(str(model))
@@ -376,10 +389,12 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     write_tiny_hf(model, "llama", tied=True, seed=1)                        # retrained in place
     train.replies(cfg, theta0, tok, run, prompts, 4)
     assert len(calls) == 2
-    train.replies(config(tiny_dir, tmp_path / "bct"), theta0, tok, run, prompts, 4)   # the first content again: a hit
+    # the first content again: a hit
+    train.replies(config(tiny_dir, tmp_path / "bct"), theta0, tok, run, prompts, 4)
     assert len(calls) == 2
     write_tiny_hf(tmp_path / "other", "llama", tied=True, seed=2)
-    train.replies(config(str(tmp_path / "other"), tmp_path / "bct"), theta0, tok, run, prompts, 4)   # another model
+    # another model
+    train.replies(config(str(tmp_path / "other"), tmp_path / "bct"), theta0, tok, run, prompts, 4)
     assert len(calls) == 3
     # --overwrite starts over: nothing of the old run's cache is read back
     train.train(config(tiny_dir, tmp_path / "bct", target="bct", n_train=8, steps=1, response_tokens=4,
@@ -392,7 +407,8 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     lrs = [train.lr_at(cfg, s) for s in range(cfg.steps)]
     assert lrs[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])  # (step + 1) / warmup, then the peak
     assert lrs[24] == pytest.approx(1e-3 * (0.1 + 0.9 / 2))                # halfway down the cosine
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 1e-4  # falls towards, not below, the floor
+    # falls towards, not below, the floor
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] > 1e-4
 
 
 def test_batches_mix_in_their_share_of_retain_pairs_and_repeat_exactly():
@@ -401,14 +417,16 @@ def test_batches_mix_in_their_share_of_retain_pairs_and_repeat_exactly():
     one = SimpleNamespace(rank=0, world=1)  # sample_batch reads only these two of a train.Run
     batch = train.sample_batch(cfg, 7, 0, pairs, retain, one)
     assert [kind for kind, _ in batch].count("retain") == 2 and len(batch) == 8
-    assert train.sample_batch(cfg, 7, 0, pairs, retain, one) == batch        # a resumed run sees the same batch
+    # a resumed run sees the same batch
+    assert train.sample_batch(cfg, 7, 0, pairs, retain, one) == batch
     assert train.sample_batch(cfg, 8, 0, pairs, retain, one) != batch
     ranks = [SimpleNamespace(rank=r, world=2) for r in range(2)]  # data parallel: the ranks split the batch
     assert sorted(sum((train.sample_batch(cfg, 7, 0, pairs, retain, r) for r in ranks), [])) == sorted(batch)
 
 
 def test_anchor_pairs_carry_zero_loss_at_theta0(tiny_dir):
-    """Anchors pair a clean prompt with itself: nothing to learn until theta's clean run drifts from theta0's."""
+    """Anchors pair a clean prompt with itself: nothing to learn until theta's clean run drifts from
+    theta0's."""
     model, tok = load_model(tiny_dir)
     pairs = T.THREATS["sycophancy"].pairs(split="train", wrappers="train", n=4, seed=0)
     batch = C.collate(train.anchors(tok, pairs, train.TrainConfig(anchor_frac=0.5)), tok.pad_id)
@@ -420,11 +438,13 @@ def test_anchor_pairs_carry_zero_loss_at_theta0(tiny_dir):
 def test_cli_builds_config_from_fields(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--target", "act+bct:0.5", "--lora-rank", "8", "--log-all"])
     cfg = train.cli(train.TrainConfig)
-    assert (cfg.target, cfg.lora_rank, cfg.log_all, cfg.steps) == ("act+bct:0.5", 8, True, train.TrainConfig.steps)
+    assert (cfg.target, cfg.lora_rank, cfg.log_all, cfg.steps) == ("act+bct:0.5", 8, True,
+                                                                   train.TrainConfig.steps)
 
 
 def test_lora_run_saves_a_plain_checkpoint_that_differs_from_base(tiny_dir, tmp_path):
-    train.train(config(tiny_dir, tmp_path / "lora", lora_rank=4, lora_targets="q_proj,v_proj", steps=3, lr=1e-2))
+    train.train(config(tiny_dir, tmp_path / "lora", lora_rank=4, lora_targets="q_proj,v_proj", steps=3,
+                       lr=1e-2))
     trained, _ = load_model(str(tmp_path / "lora"))
     base, _ = load_model(tiny_dir)
     ids = torch.randint(0, 256, (1, 8))
@@ -436,17 +456,20 @@ def test_lora_run_saves_a_plain_checkpoint_that_differs_from_base(tiny_dir, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--target", "act"],  # the recipe: LoRA on the attention projections
-                                   # full fine-tuning: MLPCT never reaches the last down_proj nor the final norm
+                                   # full fine-tuning: MLPCT never reaches the last down_proj
+                                   # nor the final norm
                                    ["--target", "mlpct", "--lora-rank", "0"],
-                                   ["--target", "attct", "--lora-rank", "0", "--compile", "--grad-accum", "2"]])
+                                   ["--target", "attct", "--lora-rank", "0", "--compile",
+                                    "--grad-accum", "2"]])
 def test_two_process_gloo_matches_one_process(tiny_dir, tmp_path, extra):
     common = [*extra, "--model", tiny_dir, "--n-train", "16", "--steps", "4", "--batch-size", "4",
               "--eval-n", "0", "--bf16", "off", "--lr", "1e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py", *common,
-                    "--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "train.py",
+                    *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
     one = [json.loads(l)["loss"] for l in open(tmp_path / "one" / "log.jsonl")]
     two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "log.jsonl")]
     assert len(one) == len(two) == 4
@@ -472,8 +495,10 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     assert train.baseline(cfg, measure) == {"brr": 1.0}
     assert train.baseline(cfg, measure) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
     changes = [
-        lambda: (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"),
-        lambda: (data / "sycophancy_facts.jsonl").write_text((data / "sycophancy_facts.jsonl").read_text()[:-200] + "\n"),
+        lambda: (model / "model.safetensors").write_bytes(
+            (model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"),
+        lambda: (data / "sycophancy_facts.jsonl").write_text(
+            (data / "sycophancy_facts.jsonl").read_text()[:-200] + "\n"),
         lambda: (model / "chat_template.jinja").write_text("{{ messages[0]['content'] }}"),
         lambda: setattr(cfg, "eval_n", 4),
         lambda: setattr(cfg, "seed", 1),
@@ -487,11 +512,13 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_
     """A read-only folder (as root, chmod does not stop writes: the refusal to write is simulated at open)."""
     import builtins
     real = builtins.open
-    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+    monkeypatch.setattr(builtins, "open",
+                        lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if ".write-test-" in str(f) else real(f, *a, **k))
     loads = []
     monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(1))
-    with pytest.raises(ValueError, match="--out: cannot write to the folder .*ro .Permission denied.: pick a writable"):
+    with pytest.raises(ValueError, match="--out: cannot write to the folder .*ro .Permission denied.: "
+                                         "pick a writable"):
         train.train(config(tiny_dir, tmp_path / "ro"))
     assert not loads                                                    # before the model was loaded
 
