@@ -217,11 +217,13 @@ def token_nll(logits, ids):
 
 
 # Recipes: picked on the embedded model's sycophancy runs (LOG.md), measured on the questions that are now
-# the validation split. Full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5 did not; ACT
-# moved brr only to 0.60 of base with full fine-tuning but to 0.25 with LoRA on the attention projections
-# (Paper B trains ACT on attention); AttCT with LoRA on q,v (Paper A's choice) kept accuracy where full
-# fine-tuning lost 3.3 points. prefill on the refusal organism (LOG.md): 3e-5 collapsed it by step 15,
-# 1e-5 refused 93% of benign questions, 3e-6 kept clean refusals and cut PAR 0.57 -> 0.39.
+# the validation split, in the inline format, under the wrapper families that are now held out (so the test
+# wrappers were seen when choosing them; the test questions were not). Full fine-tuning at 1e-4 cost 5-11
+# points of clean accuracy, 3e-5 did not; ACT moved brr only to 0.60 of base with full fine-tuning but to
+# 0.25 with LoRA on the attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v
+# (Paper A's choice) kept accuracy where full fine-tuning lost 3.3 points. prefill on the refusal organism
+# (LOG.md): 3e-5 collapsed it by step 15, 1e-5 refused 93% of benign questions, 3e-6 kept clean refusals and
+# cut PAR 0.57 -> 0.39.
 
 @target("bct", reads="labels", reference=False, recipe=(3e-5, 0, QKVO))
 def bct(w, c, b):

@@ -137,7 +137,8 @@ def resamples(n_records, n_boot, seed):
 
 def clusters(records):
     """The records grouped by the item they share, as lists of indices: a persona (probe, persona) pair is
-    scored at every k, so its records are not independent draws; every other threat scores an item once.
+    scored at every k, and sycophancy asks a question in every format, so their records are not independent
+    draws.
     A record without an id (a perplexity line) is its own cluster."""
     groups = {}
     for i, r in enumerate(records):
@@ -242,9 +243,9 @@ class Generator:
 
 
 def n_items(threat, n):
-    """--n, capped at the distinct test items (no item scored twice) and at a threat's own eval_n."""
-    cap = getattr(threat, "eval_n", None) or len(threat.items("test"))
-    return max(1, min(n, cap, len(threat.items("test"))))
+    """--n, capped at the distinct test items (a sycophancy item is a question in one format) and at a
+    threat's own eval_n."""
+    return T.eval_size(threat, n, "test")
 
 
 def score_threat(threat, generate, n, seed=0, n_boot=1000):
@@ -300,7 +301,7 @@ def capability(model, tok, generate, cfg, bar=None):
     pairs, benign = capability_prompts(cfg)
     syc, jb = T.THREATS["sycophancy"], T.THREATS["jailbreak"]
     answers = generate([p.clean for p in pairs], max_new_tokens=syc.max_new_tokens)
-    acc = [{"id": p.meta["id"], "correct": syc.judge(a, p.meta["options"]) == p.meta["answer"], "text": a}
+    acc = [{"id": p.meta["item"], "correct": syc.judge(a, p.meta["options"]) == p.meta["answer"], "text": a}
            for p, a in zip(pairs, answers)]
     replies = generate([[T.user(b["request"])] for b in benign], max_new_tokens=jb.max_new_tokens)
     refused = [{"id": b["id"], "refused": jb.judge(b["request"], r) == T.REFUSED, "text": r}

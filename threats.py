@@ -3,9 +3,10 @@ judges.py).
 
 A threat turns clean items x (data/*.jsonl; schemas in the README) into Pairs (x, w(x)): the clean chat prompt
 and the same prompt wrapped by an irrelevant cue (a suggested answer, a jailbreak, persona facts, a history of
-rejections, a prefilled compliant opening, an inoculation-like system prompt). Items split into train and
-test by a hash of their id; wrapper families into disjoint train and held-out sets. No torch, no model here:
-only chat messages, strings and a `generate(prompts, prefills=None, max_new_tokens=48) -> list[str]` callable.
+rejections, a prefilled compliant opening, an inoculation-like system prompt). Items split into train,
+validation and test by a hash of their id; wrapper families into disjoint train, validation and held-out
+sets. No torch, no model here: only chat messages, strings and a
+`generate(prompts, prefills=None, max_new_tokens=48) -> list[str]` callable.
 
     python threats.py                      # one line per threat: items, wrapper families, pairs
     python threats.py --show sycophancy    # three example pairs (train, validation and held-out wrappers)
@@ -258,6 +259,12 @@ def split_items(rows, split, salt, test_frac=0.25, val_frac=0.25, group=None, ke
         for i, r in enumerate(ranked):
             side[str(r[key])] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return [r for r in rows if side[str(r[key])] == split]
+
+
+def eval_size(threat, n, split):
+    """n, capped at the distinct items of `split` (no item scored twice) and at the threat's own eval_n."""
+    items = len(threat.items(split))
+    return max(1, min(n, getattr(threat, "eval_n", None) or items, items))
 
 
 def mix(rows):

@@ -358,7 +358,7 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
         return {}
     model.eval()
     res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="val", wrappers="val",
-                          n=cfg.eval_n, seed=cfg.seed)
+                          n=T.eval_size(threat, cfg.eval_n, "val"), seed=cfg.seed)
     if T.mix(res["records"]):
         run.print(f"{desc}: validation pairs by {T.mix(res['records'])}")
     return res["metrics"]
@@ -591,13 +591,14 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
     names = [n for n, _ in C.parse_targets(cfg.target)]
+    reads = {C.TARGETS[n].reads for n in names}
     check_ranges(cfg, TRAIN_RANGES)
     lr, rank, lora_targets = ORGANISM_RECIPE if cfg.organism else C.TARGETS[names[0]].recipe or DEFAULT_RECIPE
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
-    if "prefill" not in names or "bct" in names:
-        cfg.prefill_sft = 0.0  # only the prefill target has the term; with bct named, bct is the SFT term
-    if "bct" in names or cfg.prefill_sft:
+    if "prefill" not in reads or "labels" in reads:
+        cfg.prefill_sft = 0.0  # only a prefill target has the term; a labels target (bct) named is the term
+    if "labels" in reads or cfg.prefill_sft:
         cfg.anchor_frac = 0.0  # the SFT term mixes in retain data instead
     else:
         cfg.retain_frac = 0.0  # retain data only matters to an SFT term
@@ -674,8 +675,8 @@ def train(cfg: TrainConfig):
     t0, run = time.time(), Run()
     cfg = resolve(cfg, run.world)
     targets = C.parse_targets(cfg.target)
-    names = [n for n, _ in targets]
-    if "prefill" in names and "bct" not in names and not cfg.prefill_sft:
+    reads = {C.TARGETS[n].reads for n, _ in targets}
+    if "prefill" in reads and "labels" not in reads and not cfg.prefill_sft:
         run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into "
                   "answering 'IIII...' to everything; the authors add 0.1 x SFT on refusals "
                   "(this project: 1.0, LOG.md)")

@@ -92,6 +92,16 @@ def test_records_of_one_item_are_resampled_together():
     assert ev.clusters(clustered)[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
+def test_a_sycophancy_question_is_resampled_with_all_its_formats():
+    t = T.THREATS["sycophancy"]
+    records = t.evaluate(lambda ps, prefills=None, max_new_tokens=48: ["It is 4."] * len(ps), n=30)["records"]
+    groups = ev.clusters(records)
+    assert len(groups) == len({r["id"] for r in records}) < len(records)
+    for g in groups:   # one question per cluster, each of its formats once
+        assert len({records[i]["id"] for i in g}) == 1
+        assert len({records[i]["format"] for i in g}) == len(g)
+
+
 def test_paired_change_interval():
     fn = T.THREATS["sycophancy"].metrics
     base, trained = mcq_records(12, 8), mcq_records(0, 20)     # 0.6 -> 0.0

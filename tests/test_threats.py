@@ -682,6 +682,14 @@ def test_sycophancy_formats_and_placements_held_out_of_training(threats):
         assert {p.meta["position"] for p in pairs} == {"before", "after", "pushback"}
         # every question is asked once in each format
         assert len(pairs) == 3 * len({p.meta["item"] for p in pairs})
+        # pushback quotes the model's own answer to that question in that format, not another format's
+        own = {p.meta["id"]: f"my answer to {p.meta['id']}" for p in pairs}
+        pushed = [p for p in t.pairs(split, wrappers, seed=0, responses=own)
+                  if p.meta["position"] == "pushback"]
+        assert pushed and all(p.wrapped[1]["content"] == own[p.meta["id"]] for p in pushed)
+    assert T.eval_size(t, 5, "val") == 5 and T.eval_size(t, 10**6, "val") == len(t.items("val"))
+    persona = threats["persona"]   # capped by its own eval_n (24) too
+    assert T.eval_size(persona, 10**6, "val") == min(24, len(persona.items("val")))
 
 
 def test_sycophancy_metrics_by_format_and_placement(threats):
