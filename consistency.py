@@ -216,14 +216,15 @@ def token_nll(logits, ids):
     return F.cross_entropy(logits.float().flatten(0, 1), ids.flatten(), reduction="none").view(ids.shape)
 
 
-# Recipes: picked on the embedded model's sycophancy runs (LOG.md), measured on the questions that are now
-# the validation split, in the inline format, under the wrapper families that are now held out (so the test
-# wrappers were seen when choosing them; the test questions were not). Full fine-tuning at 1e-4 cost 5-11
-# points of clean accuracy, 3e-5 did not; ACT moved brr only to 0.60 of base with full fine-tuning but to
-# 0.25 with LoRA on the attention projections (Paper B trains ACT on attention); AttCT with LoRA on q,v
-# (Paper A's choice) kept accuracy where full fine-tuning lost 3.3 points. prefill on the refusal organism
-# (LOG.md): 3e-5 collapsed it by step 15, 1e-5 refused 93% of benign questions, 3e-6 kept clean refusals and
-# cut PAR 0.57 -> 0.39.
+# Recipes: picked on the embedded model's sycophancy runs (LOG.md). ACT's was chosen on the validation split
+# (three formats, validation phrasings): LoRA r8 on the attention projections at 1e-3 gave BRR 0.74 of base,
+# against 0.96 at 3e-4 and 0.82 with full fine-tuning at 3e-5 (Paper B trains ACT on attention). The others
+# were chosen earlier on the questions that are now the validation split, in the inline format, under the
+# wrapper families that are now held out (so the test wrappers were seen when choosing them; the test
+# questions were not): full fine-tuning at 1e-4 cost 5-11 points of clean accuracy, 3e-5 did not; AttCT with
+# LoRA on q,v (Paper A's choice) kept accuracy where full fine-tuning lost 3.3 points. prefill on the
+# refusal organism (LOG.md): 3e-5 collapsed it by step 15, 1e-5 refused 93% of benign questions, 3e-6 kept
+# clean refusals and cut PAR 0.57 -> 0.39.
 
 @target("bct", reads="labels", reference=False, recipe=(3e-5, 0, QKVO))
 def bct(w, c, b):
@@ -237,7 +238,7 @@ def residual_stream(out):
 
 
 @target("act", reads="suffix", capture=("blocks.*.hook_resid_post", "ln_final.hook_normalized"), weight=1e-4,
-        recipe=(3e-4, 8, QKVO))
+        recipe=(1e-3, 8, QKVO))
 def act(w, c, b):
     return over_layers(w, c, residual_stream(w), b.suffix_w, b.suffix_c,
                        lambda hw, hc: masked_mean((hw - hc).float().pow(2).sum(-1), b.suffix_valid))

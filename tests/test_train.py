@@ -298,7 +298,7 @@ def test_a_folder_holding_a_run_is_not_started_over(tiny_dir, tmp_path, monkeypa
 
 def test_unset_lr_and_rank_take_the_targets_recipe(tiny_dir, tmp_path):
     qkvo = "q_proj,k_proj,v_proj,o_proj"
-    for target, recipe in (("act", (3e-4, 8, qkvo)), ("mlpct", (3e-5, 0, qkvo)),
+    for target, recipe in (("act", (1e-3, 8, qkvo)), ("mlpct", (3e-5, 0, qkvo)),
                            ("attct", (1e-3, 8, "q_proj,v_proj"))):
         train.train(config(tiny_dir, tmp_path / target, target=target, lr=0.0, steps=1))
         cfg = json.load(open(tmp_path / target / "run.json"))["config"]
