@@ -507,9 +507,9 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
         res["threats"][name], records = score_threat(T.THREATS[name], gen, cfg.n, cfg.seed, cfg.boot)
         recs[name] = (records, T.THREATS[name].metrics)
         save_records(cfg.out, label, name, records)
-        if T.mix(records):
-            res["threats"][name]["mix"] = T.mix(records)
-            bar.write(f"{label}: {name} test records by {T.mix(records)}")
+        if mix := T.mix(records):
+            res["threats"][name]["mix"] = mix
+            bar.write(f"{label}: {name} test records by {mix}")
     bar.set_description(f"{label}: capability")
     for name, (r, records, fn) in capability(model, tok, gen, cfg, bar).items():
         res["capability"]["metrics"].update(r["metrics"])

@@ -359,8 +359,8 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
     model.eval()
     res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="val", wrappers="val",
                           n=T.eval_size(threat, cfg.eval_n, "val"), seed=cfg.seed)
-    if T.mix(res["records"]):
-        run.print(f"{desc}: validation pairs by {T.mix(res['records'])}")
+    if mix := T.mix(res["records"]):
+        run.print(f"{desc}: validation pairs by {mix}")
     return res["metrics"]
 
 
@@ -438,13 +438,13 @@ def training_pairs(cfg, tok, theta0, targets, run):
         return [sft_pair(tok, m, next(own) if y is None else tok.encode(y) + [tok.eos_id])
                 for m, y in examples], []
     pairs = T.THREATS[cfg.threat].pairs(split="train", wrappers="train", n=cfg.n_train, seed=cfg.seed)
-    if T.mix(p.meta for p in pairs):
-        run.print(f"training pairs by {T.mix(p.meta for p in pairs)}")
+    if mix := T.mix(p.meta for p in pairs):
+        run.print(f"training pairs by {mix}")
     if cfg.threat == "jailbreak" and cfg.filter:
         pairs = filter_jailbreaks(cfg, pairs, reply, tok, run)
     names = {n for n, _ in targets}
     reads = {C.TARGETS[n].reads for n in names}
-    sft_term = cfg.prefill_sft > 0   # resolve() keeps it only for the prefill target without bct
+    sft_term = cfg.prefill_sft > 0   # resolve() keeps it only for a prefill target without a labels one
     if reads == {"content"}:
         # a wrapper that only follows the content leaves the content's internals unchanged under causal
         # attention: such pairs carry exactly zero loss and gradient for these targets, so drop them
