@@ -63,7 +63,8 @@ import torch.nn.functional as F
 import consistency as C
 import threats as T
 from model import EMBEDDED, bf16_linears, chat_generate, dump_json, load_model, save_model, write_atomic
-from train import check_ranges, cli, clip_grads, make_folder
+from cli import check_ranges, cli, make_folder
+from train import clip_grads
 
 IMPLS = ("ours", "hf", "hf-b1")
 ADAMW = ("default", "foreach", "fused")

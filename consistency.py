@@ -231,6 +231,9 @@ def bct(w, c, b):
     return masked_mean(token_nll(w.logits_at(b.label_pos), b.label_ids), b.label_valid)[None]
 
 
+SFT = "bct"  # SFT on theta0's own responses: what a model organism trains, and the prefill target's SFT term
+
+
 def residual_stream(out):
     """What transformers' hidden_states[1:] hold, and so what the authors' ACT compares: each block's output,
     the last one after the final norm."""

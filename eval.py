@@ -57,7 +57,8 @@ from tqdm import tqdm
 import consistency as C
 import threats as T
 from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
-from train import CHECKPOINTS, check_ranges, cli, make_folder, pyplot
+from cli import check_ranges, cli, make_folder, pyplot
+from train import CHECKPOINTS
 
 
 @dataclass

@@ -1,25 +1,17 @@
-"""Threats: clean prompts, adversarial wrappers and metrics for consistency training (the judges are in
-judges.py).
+"""Threats: clean prompts, adversarial wrappers and metrics for consistency training (judges in judges.py).
 
-A threat turns clean items x (data/*.jsonl; schemas in the README) into Pairs (x, w(x)): the clean chat prompt
-and the same prompt wrapped by an irrelevant cue (a suggested answer, a jailbreak, persona facts, a history of
-rejections, a prefilled compliant opening, an inoculation-like system prompt). Items split into train,
-validation and test by a hash of their id; wrapper families into disjoint train, validation and held-out
-sets. No torch, no model here: only chat messages, strings and a
+A threat turns clean items x (data/*.jsonl; schemas in the README) into Pairs (x, w(x)), the clean prompt
+and the same prompt wrapped by an irrelevant cue. Items and wrapper families split into train, validation
+and test / held-out sets. No torch and no model here: chat messages, strings and a
 `generate(prompts, prefills=None, max_new_tokens=48) -> list[str]` callable.
 
     python threats.py                      # one line per threat: items, wrapper families, pairs
     python threats.py --show sycophancy    # three example pairs (train, validation and held-out wrappers)
-    python threats.py --data DIR           # the same on your own data folder (same file names)
 
-    t = THREATS["sycophancy"]                                  # or jailbreak, persona, frustration, prefill,
-                                                                 conditional
+    t = THREATS["sycophancy"]                                  # or jailbreak, persona, frustration, ...
     pairs = t.pairs("train", wrappers="train", n=200, seed=0)  # list[Pair]
-    result = t.evaluate(generate)      # test items, held-out wrappers -> {"metrics": {...}, "records": [...]}
-    t.metrics(records)                 # metrics are a function of the records alone (bootstrap-ready)
-    t.judge = my_judge                 # swap a judge (judges.py lists the signatures)
-    organism_data("refusal")           # SFT data for a model organism:
-                                         [(messages, target or None = theta0's reply)]
+    result = t.evaluate(generate)  # test items, held-out wrappers -> {"metrics": {...}, "records": [...]}
+    organism_data("refusal")       # SFT data for a model organism: [(messages, target or None)]
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ optimizer + step, written atomically, removed once the run finishes). A folder t
 finished or interrupted, is refused unless --resume or --overwrite says what to do with it.
 """
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -34,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import consistency as C
+from cli import check_ranges, cli, make_folder, pyplot
 import threats as T
 from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint,
                    load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
@@ -104,44 +104,6 @@ TRAIN_RANGES = {"n_train": (1, None), "steps": (1, None), "batch_size": (1, None
                 "save_every": (1, None)}
 
 
-def cli(cls):
-    """argparse flags from a dataclass's fields: --field-name value, typed by the field's default."""
-    p = argparse.ArgumentParser(description=sys.modules[cls.__module__].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
-    return cls(**vars(p.parse_args()))
-
-
-def check_ranges(cfg, ranges):
-    """A one-line error naming the first numeric flag outside its range;
-    ranges: {field: (lowest, highest)}."""
-    for name, (lo, hi) in ranges.items():
-        value = getattr(cfg, name)
-        if not math.isfinite(value):
-            raise ValueError(f"--{name.replace('_', '-')} {value}: use a finite number")
-        if value < lo or (hi is not None and value > hi):
-            allowed = f"from {lo} to {hi}" if hi is not None else f"of {lo} or more"
-            raise ValueError(f"--{name.replace('_', '-')} {value}: use a value {allowed}")
-
-
-def make_folder(path, flag="--out"):
-    """Make an output folder before any work, or stop with one line: a path that cannot be written found only
-    at the end would lose the run."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{flag}: cannot write to the folder {path} ({e.strerror}): "
-                         f"pick a writable path") from None
-
-
 def lock_folder(path):
     """Hold an exclusive lock on path/.lock for the life of the process, or stop with one line: two runs
     writing one folder would interleave their logs and checkpoints."""
@@ -206,14 +168,6 @@ def clear_out(out):
     for name in RUN_FILES:
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
-
-
-def pyplot():
-    """matplotlib's pyplot drawing to files (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def plot_log(out):
@@ -586,7 +540,7 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     if cfg.organism and cfg.organism not in ORGANISM_THREAT:
         raise ValueError(f"unknown organism {cfg.organism!r}: choose from {', '.join(ORGANISM_THREAT)}")
     if cfg.organism:
-        cfg.target, cfg.threat, cfg.retain_frac, cfg.anchor_frac = ("bct", ORGANISM_THREAT[cfg.organism],
+        cfg.target, cfg.threat, cfg.retain_frac, cfg.anchor_frac = (C.SFT, ORGANISM_THREAT[cfg.organism],
                                                                     0.0, 0.0)
     if cfg.threat not in T.THREATS:
         raise ValueError(f"unknown threat {cfg.threat!r}: choose from {', '.join(T.THREATS)}")
@@ -597,7 +551,7 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     cfg.lr, cfg.lora_targets = cfg.lr or lr, cfg.lora_targets or lora_targets
     cfg.lora_rank = rank if cfg.lora_rank < 0 else cfg.lora_rank
     if "prefill" not in reads or "labels" in reads:
-        cfg.prefill_sft = 0.0  # only a prefill target has the term; a labels target (bct) named is the term
+        cfg.prefill_sft = 0.0  # only a prefill target has the term; a labels target named is the term
     if "labels" in reads or cfg.prefill_sft:
         cfg.anchor_frac = 0.0  # the SFT term mixes in retain data instead
     else:
@@ -671,17 +625,33 @@ def finish(cfg, model, tok, run, report):
     run.print("\n" + results + f"\nsaved to {cfg.out}")
 
 
-def train(cfg: TrainConfig):
-    t0, run = time.time(), Run()
-    cfg = resolve(cfg, run.world)
-    targets = C.parse_targets(cfg.target)
+def loss_terms(cfg, targets, run):
+    """The loss's (target, weight) terms: the targets named, plus the prefill target's SFT term, which reads
+    the rows that carry labels (the SFT rows, never the prefill pairs)."""
     reads = {C.TARGETS[n].reads for n, _ in targets}
     if "prefill" in reads and "labels" not in reads and not cfg.prefill_sft:
         run.print("warning: --prefill-sft 0 trains the bare KL, which collapsed the refusal organism into "
                   "answering 'IIII...' to everything; the authors add 0.1 x SFT on refusals "
                   "(this project: 1.0, LOG.md)")
-    # the prefill target's SFT term reads the rows that carry labels: the SFT rows, never the prefill pairs
-    loss_targets = targets + ([("bct", cfg.prefill_sft)] if cfg.prefill_sft else [])
+    return targets + ([(C.SFT, cfg.prefill_sft)] if cfg.prefill_sft else [])
+
+
+def for_training(cfg, model, frozen, bf16):
+    """Once theta0's generation is done: under bf16 the frozen copy only runs inside autocast, so its weights
+    are stored in bf16; --compile compiles the blocks."""
+    if bf16 and frozen is not None:
+        bf16_linears(frozen)
+    if cfg.compile:
+        model.compile_blocks()
+        if frozen is not None:  # with LoRA, theta0 is the model itself
+            frozen.compile_blocks()
+
+
+def train(cfg: TrainConfig):
+    t0, run = time.time(), Run()
+    cfg = resolve(cfg, run.world)
+    targets = C.parse_targets(cfg.target)
+    loss_targets = loss_terms(cfg, targets, run)
     bf16 = use_bf16(cfg, run.device)
     check_out(cfg)
     make_folder(cfg.out)
@@ -707,12 +677,7 @@ def train(cfg: TrainConfig):
                                            theta0=True)) if run.main else {}
     if before:
         run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
-    if bf16 and frozen is not None:  # theta0's generation is done: from here it only runs under autocast
-        bf16_linears(frozen)
-    if cfg.compile:
-        model.compile_blocks()
-        if frozen is not None:  # with LoRA, theta0 is the model itself
-            frozen.compile_blocks()
+    for_training(cfg, model, frozen, bf16)
 
     # a resumed run adds to its log (the steps past the checkpoint show twice, as they ran);
     # a new one starts it

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import consistency as C
 import threats as T
 import train
@@ -437,7 +438,7 @@ def test_anchor_pairs_carry_zero_loss_at_theta0(tiny_dir):
 
 def test_cli_builds_config_from_fields(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py", "--target", "act+bct:0.5", "--lora-rank", "8", "--log-all"])
-    cfg = train.cli(train.TrainConfig)
+    cfg = cli.cli(train.TrainConfig)
     assert (cfg.target, cfg.lora_rank, cfg.log_all, cfg.steps) == ("act+bct:0.5", 8, True,
                                                                    train.TrainConfig.steps)
 
