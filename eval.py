@@ -12,8 +12,9 @@ cross-objective table).
 Every flag is a field of EvalConfig (python eval.py --help lists them). Evaluation never trains: models run in
 eval mode under no_grad (generation, perplexity, the mechanism passes).
 
-Test items under held-out wrappers (train.py's table reads the validation split), greedy answers, batched with
-the KV cache. Each model is scored on:
+Test items under held-out wrappers (`--split val`: validation items under validation wrappers, where
+settings are chosen; train.py's table reads them too), greedy answers, batched with the KV cache. Each
+model is scored on:
     threats      every threat's metrics (threats.py), each with a bootstrap 95% interval over its items:
                  records that share an item (persona scores one probe and persona at every k, sycophancy asks
                  a question in every format) are resampled together; sycophancy also per format and placement
@@ -27,7 +28,8 @@ Changes (trained - base) get a paired bootstrap interval; * marks those whose in
 jailbreak and prefill need a model that refuses (the `refusal` organism or a hub model), conditional needs
 the `inoculated` organism; in the matrix such cells read n/a. `all` or a comma list evaluates what is named.
 
-Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix; checkpoint files are never written):
+Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
+checkpoint files are never written):
     results.json   resolved config, per-model metrics and intervals, changes, matrix, mechanism, wall time
     results.md     the same as markdown tables (also printed)
     bars.png       grouped bars per threat, base vs trained, with 95% error bars
@@ -68,8 +70,10 @@ class EvalConfig:
     base: str = ""                   # --ckpt only: base model (default: the run.json config "model")
     out: str = ""                    # default DIR/eval (--ckpt) or runs/matrix (--matrix)
     threats: str = "auto"            # auto (what the base supports) | all | comma list of threat names
-    n: int = 60                      # items per threat, capped at its distinct test items
+    n: int = 60                      # items per threat, capped at the split's distinct items
                                      # (persona/frustration: eval_n)
+    split: str = "test"              # test: test items, held-out wrappers (to report); val: validation items,
+                                     # validation wrappers (choose settings there, then read test once)
     seed: int = 0
     max_new_tokens: int = 48         # cap on every answer's length (threats ask for 48)
     batch_size: int = 32             # prompts per batched generation
@@ -243,26 +247,31 @@ class Generator:
         return [self.cache[k] for k in keys]
 
 
-def n_items(threat, n):
-    """--n, capped at the distinct test items (a sycophancy item is a question in one format) and at a
+WRAPPERS = {"test": "heldout", "val": "val"}   # the wrapper families read with each split's items
+SPLIT_TITLE = {"test": "Test items, held-out wrappers", "val": "Validation items, validation wrappers"}
+
+
+def n_items(threat, n, split="test"):
+    """--n, capped at the split's distinct items (a sycophancy item is a question in one format) and at a
     threat's own eval_n."""
-    return T.eval_size(threat, n, "test")
+    return T.eval_size(threat, n, split)
 
 
-def score_threat(threat, generate, n, seed=0, n_boot=1000):
-    """threat.evaluate on test items under held-out wrappers -> ({"metrics", "ci", "n"}, records)."""
-    res = threat.evaluate(generate, split="test", wrappers="heldout", n=n_items(threat, n), seed=seed)
+def score_threat(threat, generate, n, seed=0, n_boot=1000, split="test"):
+    """threat.evaluate on the split's items under its wrappers -> ({"metrics", "ci", "n"}, records)."""
+    res = threat.evaluate(generate, split=split, wrappers=WRAPPERS[split], n=n_items(threat, n, split),
+                          seed=seed)
     return score(threat.metrics, res["records"], n_boot, seed), res["records"]
 
 
-def count_generations(threat, n, seed=0):
+def count_generations(threat, n, seed=0, split="test"):
     """How many answers threat.evaluate asks for: a dry run with an empty answer to everything."""
     count = [0]
 
     def dry(prompts, prefills=None, max_new_tokens=48):
         count[0] += len(prompts)
         return [""] * len(prompts)
-    threat.evaluate(dry, split="test", wrappers="heldout", n=n_items(threat, n), seed=seed)
+    threat.evaluate(dry, split=split, wrappers=WRAPPERS[split], n=n_items(threat, n, split), seed=seed)
     return count[0]
 
 
@@ -293,8 +302,9 @@ def line_nll(model, tok, lines, batch_size=16, bar=None):
 
 def capability_prompts(cfg):
     syc, jb = T.THREATS["sycophancy"], T.THREATS["jailbreak"]
-    pairs = syc.pairs("test", "heldout", n_items(syc, cfg.n), cfg.seed)  # evaluate()'s clean prompts: cached
-    return pairs, jb.benign_items("test")[:max(1, cfg.n)]
+    # evaluate()'s clean prompts, so their answers come from the cache
+    pairs = syc.pairs(cfg.split, WRAPPERS[cfg.split], n_items(syc, cfg.n, cfg.split), cfg.seed)
+    return pairs, jb.benign_items(cfg.split)[:max(1, cfg.n)]
 
 
 def capability(model, tok, generate, cfg, bar=None):
@@ -321,7 +331,7 @@ def capability(model, tok, generate, cfg, bar=None):
 def mechanism_pairs(threat, base_generate, tok, cfg):
     """Held-out pairs aligned with theta0's greedy clean responses (BCT's target needs them; eos only after
     a response that finished, as in training)."""
-    pairs = threat.pairs("test", "heldout", n_items(threat, cfg.mech_n), cfg.seed)
+    pairs = threat.pairs(cfg.split, WRAPPERS[cfg.split], n_items(threat, cfg.mech_n, cfg.split), cfg.seed)
     responses = base_generate.ids([p.clean for p in pairs], max_new_tokens=threat.max_new_tokens)
     return [C.align(tok, p, r) for p, r in zip(pairs, responses)]
 
@@ -505,12 +515,13 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
     for name in threats:
         bar.set_description(f"{label}: {name}")
-        res["threats"][name], records = score_threat(T.THREATS[name], gen, cfg.n, cfg.seed, cfg.boot)
+        res["threats"][name], records = score_threat(T.THREATS[name], gen, cfg.n, cfg.seed, cfg.boot,
+                                                     cfg.split)
         recs[name] = (records, T.THREATS[name].metrics)
         save_records(cfg.out, label, name, records)
         if mix := T.mix(records):
             res["threats"][name]["mix"] = mix
-            bar.write(f"{label}: {name} test records by {mix}")
+            bar.write(f"{label}: {name} {cfg.split} records by {mix}")
     bar.set_description(f"{label}: capability")
     for name, (r, records, fn) in capability(model, tok, gen, cfg, bar).items():
         res["capability"]["metrics"].update(r["metrics"])
@@ -536,13 +547,13 @@ def plan_units(rows, spec, cfg):
     gens = {}
     def threat_units(names):
         for t in names:
-            gens.setdefault(t, count_generations(T.THREATS[t], cfg.n, cfg.seed))
+            gens.setdefault(t, count_generations(T.THREATS[t], cfg.n, cfg.seed, cfg.split))
         return ANSWER_UNIT * sum(gens[t] for t in names)
     pairs, benign = capability_prompts(cfg)
     lines = sum(1 for x in open(T.DATA_DIR / "heldout_text.txt", encoding="utf-8") if x.strip())
     cap = ANSWER_UNIT * (len(pairs) + len(benign)) + PPL_UNIT * min(lines, cfg.ppl_lines or lines)
     bases = {r.base for r in rows}
-    mech = lambda t: n_items(T.THREATS[t], cfg.mech_n) if cfg.mechanism else 0
+    mech = lambda t: n_items(T.THREATS[t], cfg.mech_n, cfg.split) if cfg.mechanism else 0
     units = sum(threat_units(threats_for(spec, b)) + cap + sum(mech(t) * (ANSWER_UNIT + MECH_UNIT)
                 for t in {r.train_threat for r in rows if r.base == b}) for b in bases)
     units += sum(threat_units(threats_for(spec, r.base)) + cap + MECH_UNIT * mech(r.train_threat)
@@ -555,9 +566,13 @@ def run(cfg: EvalConfig):
     if cfg.ckpt and cfg.matrix:
         raise ValueError("pass either --ckpt DIR or --matrix DIR [DIR ...], not both")
     check_ranges(cfg, EVAL_RANGES)
+    if cfg.split not in WRAPPERS:
+        raise ValueError(f"--split {cfg.split!r}: use test (to report) or val (to choose settings)")
     spec = parse_threats(cfg.threats)
     rows = rows_from(cfg)
-    cfg.out = cfg.out or (os.path.join(cfg.ckpt, "eval") if cfg.ckpt else os.path.join("runs", "matrix"))
+    folder = {"test": "", "val": "-val"}[cfg.split]  # validation results never sit where test's are read
+    cfg.out = cfg.out or (os.path.join(cfg.ckpt, "eval" + folder) if cfg.ckpt
+                          else os.path.join("runs", "matrix" + folder))
     protected = {os.path.realpath(p) for r in rows for p in (r.path, r.base) if os.path.isdir(p)}
     if os.path.realpath(cfg.out) in protected:
         raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; "
@@ -694,7 +709,7 @@ def mechanism_table(mech):
 
 def report(result, cfg, images):
     md = [f"# Evaluation: {cfg.ckpt or 'matrix of ' + str(len(result['rows'])) + ' checkpoints'}", "",
-          f"Test items, held-out wrappers, greedy answers of <= {cfg.max_new_tokens} tokens; 95% bootstrap "
+          f"{SPLIT_TITLE[cfg.split]}, greedy answers of <= {cfg.max_new_tokens} tokens; 95% bootstrap "
           f"intervals ({cfg.boot} resamples); change = trained - its base, * = interval excludes 0.", ""]
     if "matrix" in result:
         md += ["## Cross-threat matrix (change of each eval threat's headline metric; lower is better)", "",

@@ -25,7 +25,7 @@ def fake_mcq_model(follow):
     """generate() of a fake model. It finds the question's options (from the data file) in the user turns;
     an option named more often than the others is the suggested one (the listing names each once). With a
     suggestion it answers that option (follow=True) or another one; without, it says nothing parseable."""
-    items = T.THREATS["sycophancy"].items("test")
+    items = T.THREATS["sycophancy"].items("val") + T.THREATS["sycophancy"].items("test")
 
     def named(option, letter, text):
         return (len(re.findall(r"(?<![\w.])" + re.escape(option) + r"(?![\w])", text, re.I))
@@ -56,6 +56,23 @@ def test_switch_rate_of_a_model_that_always_or_never_follows(follow, expected):
     assert m["suggested_rate"] == expected and m["suggested_rate_clean"] == 0.0
     assert m["brr"] == expected
     assert res["ci"]["brr"] == [expected, expected]   # every resample agrees
+
+def test_split_val_reads_validation_items_under_validation_wrappers():
+    """Settings are chosen on --split val; the test items and held-out wrappers stay unread."""
+    syc = T.THREATS["sycophancy"]
+    ids = lambda split: {it["id"].split("/")[0] for it in syc.items(split)}  # "fact-0001/letters": one format
+    for split, families in (("val", syc.val_families), ("test", syc.heldout_families)):
+        res, records = ev.score_threat(syc, fake_mcq_model(True), n=24, seed=0, n_boot=50, split=split)
+        assert len(records) == 24 and res["metrics"]["brr"] == 1.0
+        assert {r["id"] for r in records} <= ids(split) and not {r["id"] for r in records} & ids("train")
+        assert {r["family"] for r in records} <= set(families)
+    assert not ids("val") & ids("test")
+
+
+def test_split_flag_rejects_an_unknown_split(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="--split 'train': use test .* or val"):
+        run_cli(monkeypatch, "--ckpt", tmp_path, "--split", "train")
+
 
 # ----------------------------------------------------------------------------- bootstrap
 
