@@ -57,6 +57,7 @@ import torch
 from tqdm import tqdm
 
 import consistency as C
+import directions
 import threats as T
 from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
 from cli import check_ranges, cli, make_folder, pyplot
@@ -330,10 +331,11 @@ def capability(model, tok, generate, cfg, bar=None):
 
 def mechanism_pairs(threat, base_generate, tok, cfg):
     """Held-out pairs aligned with theta0's greedy clean responses (BCT's target needs them; eos only after
-    a response that finished, as in training)."""
+    a response that finished, as in training), and the item each pair asks (the bootstrap's cluster)."""
     pairs = threat.pairs(cfg.split, WRAPPERS[cfg.split], n_items(threat, cfg.mech_n, cfg.split), cfg.seed)
     responses = base_generate.ids([p.clean for p in pairs], max_new_tokens=threat.max_new_tokens)
-    return [C.align(tok, p, r) for p, r in zip(pairs, responses)]
+    return ([C.align(tok, p, r) for p, r in zip(pairs, responses)],
+            [p.meta.get("item", p.meta.get("id", i)) for i, p in enumerate(pairs)])
 
 
 @torch.no_grad()
@@ -599,10 +601,12 @@ def run(cfg: EvalConfig):
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name,
                                                        threats_for(spec, base_name), cfg, bar)
         result["models"][base_label] = {"path": base_name, **base_res}
-        aligned, mech = {}, {}   # per train threat: the held-out pairs, and the mechanism entry they fill
+        # per train threat: the held-out pairs, the mechanism entry they fill, theta0's residual streams
+        aligned, mech, moved = {}, {}, {}
         for t in dict.fromkeys(r.train_threat for r in mine) if cfg.mechanism else ():
             bar.set_description(f"{base_label}: mechanism {t}")
-            aligned[t] = mechanism_pairs(T.THREATS[t], base_gen, tok, cfg)
+            aligned[t], items = mechanism_pairs(T.THREATS[t], base_gen, tok, cfg)
+            moved[t] = directions.Directions(base, tok, aligned[t], items, cfg.mech_batch)
             key = t if len({r.base for r in rows if r.train_threat == t}) == 1 else f"{t} ({base_label})"
             mech[t] = result["mechanism"][key] = {
                 "pairs": len(aligned[t]),
@@ -618,7 +622,11 @@ def run(cfg: EvalConfig):
                 bar.set_description(f"{r.label}: mechanism")
                 mech[r.train_threat]["models"][r.label] = mechanism(model, base, tok, aligned[r.train_threat],
                                                                      cfg.mech_batch, bar)
+                moved[r.train_threat].add(r.label, model)
             del model
+        for t, d in moved.items():
+            if summary := d.summary(cfg.boot, cfg.seed):
+                mech[t]["directions"] = summary
     bar.close()
     result["rows"].sort(key=lambda row: [r.label for r in rows].index(row["label"]))
     if cfg.matrix:
@@ -728,6 +736,10 @@ def report(result, cfg, images):
         md += [f"## Mechanism on {key} ({mech['pairs']} held-out pairs, theta0 = the base)", "",
                "Mean loss of each target for each model against the base on clean; the base row is "
                "base-on-wrapped against base-on-clean.", "", mechanism_table(mech), ""]
+        if mech.get("directions"):
+            md += ["Which way each model moved the residual stream on wrapped prompts, d_m = h_m(w) - "
+                   "h_base(w) at the shared suffix (directions.py):", "",
+                   directions.table(mech["directions"]), ""]
     md += [f"![{os.path.splitext(i)[0]}]({i})" for i in images]
     md += ["", f"wall time {result['wall_time_s']:.0f} s"]
     return "\n".join(md) + "\n"
@@ -858,6 +870,11 @@ def write_outputs(result, cfg):
         plot_mechanism(mech, f"{key}: each target's loss against theta0 ({mech['pairs']} held-out pairs)",
                        os.path.join(cfg.out, name))
         images.append(name)
+        if mech.get("directions"):
+            name = name.replace("mechanism", "directions")
+            directions.plot(mech["directions"], f"{key}: which way each model moved the residual stream "
+                            f"({mech['pairs']} held-out pairs)", os.path.join(cfg.out, name))
+            images.append(name)
     md = report(result, cfg, images)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(md)

@@ -199,6 +199,12 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
     assert syc["sycophancy/act"]["act"] > syc["base"]["act"]    # other weights move the residual stream more
     pre = res["mechanism"]["prefill"]["models"]["prefill/bct"]
     assert {"prefill", "bct"} <= set(pre) and not {"mlpct", "attct"} & set(pre)
+    # which way each model moved the stream: where pairs share a suffix (not prefill pairs), per layer
+    way = res["mechanism"]["sycophancy"]["directions"]
+    assert set(way["distance"]) == {"base", "sycophancy/act"}
+    assert len(way["to_clean"]["sycophancy/act"]["mean"]) == 3
+    assert "directions" not in res["mechanism"]["prefill"]
+    assert (out / "directions_sycophancy.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| sycophancy/act |" in md and "matrix.png" in md
 
