@@ -16,10 +16,8 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
     blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities ((B, n_head, C, T)
                                                       with pattern_rows: only the query rows a loss reads)
     ln_final.hook_normalized     (B, T, d_model)      the last block's output after the final norm
-Attention runs through SDPA; explicit matmuls (the pattern materialised) only for the layers asked for, and
-for short bf16 training sequences on the CPU, where they are faster to differentiate. Decoding's few-row bf16
-products run as W @ x^T on the CPU (Linear), which reads the weights faster, and one-row products as
-matrix-vector products. model.compile_blocks() compiles the blocks for training (train.py --compile).
+Attention runs through SDPA, or explicit matmuls where a pattern is captured (the probabilities
+materialised). model.compile_blocks() compiles the blocks for training (train.py --compile).
 """
 
 import fnmatch
@@ -173,60 +171,14 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-# SDPA's CPU flash kernel is slow to differentiate in bf16 on short sequences (B=8, T=81: forward + backward
-# 25 ms against 8 ms for plain matmuls; they break even near T=200), and training batches are that short
-EXPLICIT_ATTENTION_MAX_T = 160
-
-
-def runs_in_bf16(t):
-    """Whether matmuls on t run in bf16: bf16 weights, or inside a bf16 autocast."""
-    dev = t.device.type
-    return t.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev)
-                                         and torch.get_autocast_dtype(dev) == torch.bfloat16)
-
-
-# Up to this many rows, a no-grad bf16 product on the CPU runs as W @ x^T (see Linear)
-FEW_ROWS = 256
-
-
-class Linear(nn.Linear):
-    """nn.Linear, same parameters and names, that multiplies a few rows the other way round. Decoding
-    multiplies 16 rows (one token a row) by every weight, and that is bound by reading the weights: oneDNN's
-    bf16 kernel reads a weight faster as the left operand, W @ x^T, than as F.linear's transposed right one
-    (all of a decoding step's products, weights out of cache, 2 cores: 1.25-1.4x from 2 to 256 rows; slower
-    at 1 row and from 512, where the product is compute-bound). One row (batch-1 decoding) is a matrix-vector
-    product. Same values up to rounding. Without grad only: training batches have more rows than this, and
-    the backward keeps its own layout."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
-def linear(x, weight, bias=None):
-    if x.device.type != "cpu" or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    # compiled with dynamic shapes, a test of the row count adds a guard (a graph per side of FEW_ROWS), so it
-    # comes after the dtype; `rows == 1` adds none, as dynamic sizes are taken to be at least 2
-    rows = x.numel() // x.shape[-1]
-    if rows == 1:  # one token: a matrix-vector product, which compiled blocks fuse into their own kernels
-        # instead of calling oneDNN's slow one-column path (a compiled batch-1 generation 1.53x faster in
-        # bf16, 1.06x in fp32)
-        y = torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], -1)
-    elif runs_in_bf16(x) and 2 <= rows <= FEW_ROWS:
-        y = (weight @ x.reshape(rows, -1).mT).mT.reshape(*x.shape[:-1], -1).contiguous()  # callers .view() it
-    else:
-        return F.linear(x, weight, bias)
-    return y if bias is None else y + bias.to(y.dtype)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -248,26 +200,16 @@ class Attention(nn.Module):
             k_cache, v_cache, slots = kv
             k, v = k_cache.index_copy_(2, slots, k), v_cache.index_copy_(2, slots, v)
         plain = mask is None  # a right-padded or unpadded batch: causal attention is all it needs
-        if plain:
+        if plain and want_pattern:  # SDPA masks a plain batch itself; the explicit path needs the mask
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
         pattern = None
-        if (want_pattern and rows is None) or (torch.is_grad_enabled()
-                                               and x.device.type == "cpu" and runs_in_bf16(x)
-                                               and k.shape[2] <= EXPLICIT_ATTENTION_MAX_T):
+        if want_pattern and rows is None:
             pattern = self.probs(q, k, mask)
             y = (self.grouped(pattern) @ v).view(B, -1, T, self.head_dim)
-        elif T == 1:  # decoding: the query heads that share a key head become rows of one attention against
-            # it, which SDPA runs faster than enable_gqa (bf16 on CPU, batch 16: 266 against 350 us a call in
-            # a generation)
-            y = F.scaled_dot_product_attention(self.grouped(q), k, v,
-                                               attn_mask=mask).view(B, -1, T, self.head_dim)
-        else:  # a plain causal batch takes SDPA's fastest path
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else mask, is_causal=plain,
                                                enable_gqa=True)
-        if want_pattern and rows is not None:  # only the query rows a loss reads: C x T instead of T x T
-            if pattern is not None:  # the short path built every row already
-                pattern = gather(pattern.transpose(1, 2), rows).transpose(1, 2)
-            else:
+            if want_pattern:  # only the query rows a loss reads: C x S probabilities instead of T x S
                 pattern = self.probs(gather(q.transpose(1, 2), rows).transpose(1, 2), k,
                                      gather(mask.expand(B, -1, -1, -1)[:, 0], rows)[:, None])
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern
@@ -287,9 +229,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down_proj = Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
         post = F.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -306,8 +248,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None, want_post=False):
         """-> the block's output (the residual stream after it), its attention pattern (or None), its MLP post
-        (or None). Compiled, every output gets a gradient in the backward, zeros for one nothing read: an
-        unwanted (B, T, d_ff) post cost a long ACT step 150 ms of zero-filling (3% of it)."""
+        (or None: compiled, every output gets a gradient in the backward, zeros for one nothing reads)."""
         a, pattern = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, want_pattern, rows)
         x = x + a
         m, post = self.mlp(self.post_attention_layernorm(x))
@@ -342,7 +283,7 @@ class Transformer(nn.Module):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.model.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -419,12 +360,12 @@ class Transformer(nn.Module):
 
     def compile_blocks(self, **options) -> "Transformer":
         """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
-        length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts): training
-        steps 1.25-1.33x faster on 2 CPU cores, after a compile of 5-30 s (inductor caches it on disk for
-        later runs). Generation runs them too: two more graphs (prompt, then one token at a time).
+        length). Fuses the elementwise work between the matmuls (RMSNorm, RoPE, SwiGLU, dtype casts), after a
+        compile that inductor caches on disk for later runs. Generation runs them too: two more graphs
+        (prompt, then one token at a time).
         options go to torch.compile (mode=..., backend=...)."""
         # one graph per combination of grad mode, autocast, pattern capture, LoRA switch and attention path:
-        # one process can need more than dynamo's default 8 (bench.py needs ~30), past which it runs eagerly
+        # a process can need more than dynamo's default 8 (bench.py needs dozens), past which it runs eagerly
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.model.layers:
             block.compile(dynamic=True, **options)
@@ -460,7 +401,7 @@ class Transformer(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
             else:
-                nxt = logits.max(-1).indices  # the same first maximum as argmax, 4x faster in bf16 on a CPU
+                nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             out.append(nxt)
             done |= nxt == eos_id
@@ -511,12 +452,12 @@ def non_finite(model: nn.Module) -> list[str]:
 
 # ----------------------------------------------------------------------------- LoRA
 
-class LoRALinear(Linear):
+class LoRALinear(nn.Linear):
     """Linear plus a low-rank update B @ A. The frozen weight keeps its HF name, so merging is exact
     and the reference model theta0 is this same module with the update switched off."""
 
     def forward(self, x):
-        y = linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
         if self.lora_enabled:
             y = y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
         return y
@@ -586,7 +527,7 @@ def merge_lora(model: Transformer) -> Transformer:
     for m in lora_modules(model):
         m.weight.copy_(m.merged_weight())
         del m.lora_A, m.lora_B
-        m.__class__ = Linear
+        m.__class__ = nn.Linear
     return model
 
 
