@@ -1,6 +1,8 @@
 """
-A readable Llama-family transformer (Llama, SmolLM, Qwen2, Qwen3) that loads open weights offline and
-hands back its internals.
+A readable Llama-family transformer (Llama, SmolLM, Qwen2, Qwen3, Gemma 2 and 3) that loads open weights
+offline and hands back its internals. Gemma's differences are config fields, each a few lines where it acts:
+(1 + weight) norms, norms on each sublayer's output, GeGLU, scaled embeddings and queries, soft-capping,
+sliding-window layers with their own RoPE base.
 
     from model import load_model
     model, tok = load_model("smollm2-135m-instruct")        # or a local HF folder, or a hub repo id
@@ -17,7 +19,8 @@ Internals are captured inline in forward under TransformerLens names (no hooks, 
                                                       with pattern_rows: only the query rows a loss reads)
     ln_final.hook_normalized     (B, T, d_model)      the last block's output after the final norm
 Attention runs through SDPA, or explicit matmuls where a pattern is captured (the probabilities
-materialised). model.compile_blocks() compiles the blocks for training (train.py --compile).
+materialised) or scores are soft-capped. model.compile_blocks() compiles the blocks for training
+(train.py --compile).
 """
 
 import fnmatch
@@ -54,47 +57,82 @@ class ModelConfig:
     head_dim: int = 64
     norm_eps: float = 1e-5
     rope_theta: float = 100000.0
-    rope_scaling: dict | None = None    # Llama 3.1 style {"rope_type": "llama3", ...}
+    rope_scaling: dict | None = None    # {"rope_type": "llama3", ...} (Llama 3.1) or "linear" (Gemma 3)
     max_seq_len: int = 8192
     tie_embeddings: bool = True
     qkv_bias: bool = False              # Qwen2
     qk_norm: bool = False               # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    arch: str = "llama"                 # llama | qwen2 | qwen3: only decides config.json on save
+    arch: str = "llama"                 # llama | qwen2 | qwen3 | gemma2 | gemma3: decides config.json on save
     bos_token_id: int | None = 1
     eos_token_id: int = 2
+    # Gemma 2 and 3
+    norm_offset: float = 0.0            # RMSNorm scales by (offset + weight): 1 in Gemma
+    sandwich_norms: bool = False        # a norm on the attention's and the MLP's outputs too
+    mlp_act: str = "silu"               # silu (SwiGLU) | gelu_tanh (GeGLU)
+    embed_scale: float = 1.0            # embeddings times sqrt(d_model) in Gemma
+    query_pre_attn_scalar: float | None = None  # scores scale by its -1/2 power instead of head_dim's
+    attn_softcap: float | None = None   # Gemma 2: scores become cap * tanh(score / cap)
+    logit_softcap: float | None = None  # Gemma 2: the same on the final logits
+    sliding_window: int | None = None   # on "sliding_attention" layers a query sees this many keys
+    layer_types: list | None = None     # per layer: "sliding_attention" | "full_attention"
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (no scaling)
 
     @classmethod
     def from_hf(cls, c: dict) -> "ModelConfig":
-        archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+        archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
         arch = archs.get((c.get("architectures") or [""])[0])
         if arch is None:
             raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
-                             f"{', '.join(archs)}; pick a model of one of those families")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r}: "
-                             f"only SwiGLU (silu) MLPs are implemented")
+                             f"{', '.join(archs)} (Gemma 3's multimodal checkpoints: their text model "
+                             f"saved as Gemma3ForCausalLM); pick a model of one of those families")
+        gemma = arch.startswith("gemma")
+        act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation {act!r}: only SwiGLU (silu) and GeGLU "
+                             f"(gelu_pytorch_tanh) MLPs are implemented")
         if c.get("use_sliding_window"):
-            raise ValueError("sliding-window attention is not implemented: "
+            raise ValueError("Qwen's sliding-window attention is not implemented: "
                              "use a config with use_sliding_window false")
-        # transformers >= 5 writes `rope_parameters` (theta inside it); older configs `rope_scaling`
+        # transformers >= 5 writes `rope_parameters` (theta inside it; Gemma 3's per layer type); older
+        # configs `rope_scaling`, and Gemma 3 its sliding layers' base as rope_local_base_freq
         scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        local_theta = c.get("rope_local_base_freq")
+        if "full_attention" in scaling:
+            local_theta = (scaling.get("sliding_attention") or {}).get("rope_theta")
+            scaling = scaling["full_attention"] or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("llama3", "default"):
-            raise ValueError(f"unsupported rope scaling {scaling}: only 'llama3' scaling is implemented")
+        if rope_type not in ("llama3", "linear", "default"):
+            raise ValueError(f"unsupported rope scaling {scaling}: only 'llama3' and 'linear' are "
+                             f"implemented")
+        n_layer = c["num_hidden_layers"]
+        layer_types = c.get("layer_types") if gemma else None
+        if gemma and not layer_types:  # transformers' defaults: every 2nd layer global (Gemma 2), every 6th
+            every = 2 if arch == "gemma2" else c.get("sliding_window_pattern", 6)
+            layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                           for i in range(n_layer)]
         eos = c.get("eos_token_id", 2)
         n_head = c["num_attention_heads"]
         cfg = cls(
-            vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=n_head,
+            vocab_size=c["vocab_size"], n_layer=n_layer, n_head=n_head,
             n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
             d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
             norm_eps=c.get("rms_norm_eps", 1e-6),
             rope_theta=c.get("rope_theta", scaling.get("rope_theta", 10000.0)),
-            rope_scaling=scaling if rope_type == "llama3" else None,
+            rope_scaling=scaling if rope_type != "default" else None,
             max_seq_len=c.get("max_position_embeddings", 4096),
             tie_embeddings=c.get("tie_word_embeddings", False),
             qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=arch == "qwen3", arch=arch,
-            bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+            qk_norm=arch in ("qwen3", "gemma3"), arch=arch,
+            bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma,
+            mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
+            embed_scale=c["hidden_size"] ** 0.5 if gemma else 1.0,
+            query_pre_attn_scalar=c.get("query_pre_attn_scalar") if gemma else None,
+            attn_softcap=c.get("attn_logit_softcapping") if gemma else None,
+            logit_softcap=c.get("final_logit_softcapping") if gemma else None,
+            sliding_window=c.get("sliding_window") if gemma else None, layer_types=layer_types,
+            rope_local_theta=local_theta if arch == "gemma3" else None)
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
                      "head_dim", "max_seq_len"):
             if (not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool)
@@ -106,9 +144,10 @@ class ModelConfig:
         return cfg
 
     def to_hf(self) -> dict:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}[self.arch]
-        c = dict(architectures=[arch], model_type=self.arch, vocab_size=self.vocab_size,
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[self.arch]
+        model_type = "gemma3_text" if self.arch == "gemma3" else self.arch
+        c = dict(architectures=[arch], model_type=model_type, vocab_size=self.vocab_size,
                  num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
                  num_key_value_heads=self.n_kv_head, hidden_size=self.d_model, intermediate_size=self.d_ff,
                  head_dim=self.head_dim, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
@@ -117,6 +156,13 @@ class ModelConfig:
                  bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
         if self.arch == "llama":
             c.update(attention_bias=self.qkv_bias, mlp_bias=False)
+        if self.arch.startswith("gemma"):
+            c.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=self.query_pre_attn_scalar,
+                     attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.logit_softcap,
+                     sliding_window=self.sliding_window, layer_types=self.layer_types, attention_bias=False)
+            del c["hidden_act"]
+        if self.arch == "gemma3":
+            c.update(rope_local_base_freq=self.rope_local_theta)
         return c
 
 
@@ -130,7 +176,7 @@ class ModelOutput:
     logits: torch.Tensor | None
     cache: dict = field(default_factory=dict)
     hidden: torch.Tensor | None = None       # (B, T, d_model) after the final norm: what lm_head reads
-    head: nn.Module | None = None
+    head: object = None                      # hidden -> logits (Transformer.head)
 
     def logits_at(self, idx):
         """Logits only at positions idx (B, N): the vocab projection is the largest matmul of a small model,
@@ -139,20 +185,27 @@ class ModelOutput:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
+    def __init__(self, dim, eps, offset=0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         # normalise in fp32 like the reference implementations, or bf16 runs drift from them; one fused op
         # instead of five elementwise ones matters where each launch costs more than its work (a GPU)
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        x32 = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
+        if self.offset:  # Gemma: scale by (1 + weight) in fp32, then cast
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * x32.to(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
-    s = cfg.rope_scaling
+def rope_inv_freq(cfg: ModelConfig, local=False) -> torch.Tensor:
+    """RoPE's inverse frequencies; local: those of the sliding layers, where Gemma 3 has its own base."""
+    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    s = None if local and cfg.rope_local_theta else cfg.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "linear":  # Gemma 3's global layers: positions / factor
+        return (inv_freq / s["factor"]).float()
     if s:  # Llama 3.1: stretch low frequencies, keep high ones, interpolate between
         wavelen = 2 * math.pi / inv_freq
         low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
@@ -175,13 +228,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.softcap = cfg.attn_softcap
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
 
     def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None):
         """mask: (B, 1, T, S) bool, or None for a plain causal batch. kv: (keys, values, slots) from a
@@ -200,19 +255,22 @@ class Attention(nn.Module):
             k_cache, v_cache, slots = kv
             k, v = k_cache.index_copy_(2, slots, k), v_cache.index_copy_(2, slots, v)
         plain = mask is None  # a right-padded or unpadded batch: causal attention is all it needs
-        if plain and want_pattern:  # SDPA masks a plain batch itself; the explicit path needs the mask
+        explicit = (want_pattern and rows is None) or self.softcap  # SDPA has no soft-capping
+        if plain and (want_pattern or explicit):  # SDPA masks a plain batch itself; explicit needs the mask
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
         pattern = None
-        if want_pattern and rows is None:
+        if explicit:
             pattern = self.probs(q, k, mask)
             y = (self.grouped(pattern) @ v).view(B, -1, T, self.head_dim)
+            if want_pattern and rows is not None:
+                pattern = gather(pattern.transpose(1, 2), rows).transpose(1, 2)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if plain else mask, is_causal=plain,
-                                               enable_gqa=True)
+                                               scale=self.scale, enable_gqa=True)
             if want_pattern:  # only the query rows a loss reads: C x S probabilities instead of T x S
                 pattern = self.probs(gather(q.transpose(1, 2), rows).transpose(1, 2), k,
                                      gather(mask.expand(B, -1, -1, -1)[:, 0], rows)[:, None])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern if want_pattern else None
 
     def grouped(self, x):
         """(B, H, N, D) -> (B, H_kv, H/H_kv * N, D): the query heads that share a key/value head become
@@ -220,9 +278,11 @@ class Attention(nn.Module):
         return x.reshape(x.shape[0], self.n_kv_head, -1, x.shape[-1])
 
     def probs(self, q, k, allowed):
-        """softmax(q k^T / sqrt(d)) over the allowed keys, in fp32."""
+        """softmax(q k^T / sqrt(d)) over the allowed keys, in fp32 (Gemma: its own scale, soft-capped)."""
         B, H, C, _ = q.shape
-        scores = (self.grouped(q) @ k.transpose(-2, -1)).view(B, H, C, -1) / math.sqrt(self.head_dim)
+        scores = (self.grouped(q) @ k.transpose(-2, -1)).view(B, H, C, -1) * self.scale
+        if self.softcap:
+            scores = self.softcap * torch.tanh(scores / self.softcap)
         return scores.masked_fill(~allowed, float("-inf")).float().softmax(-1).to(q.dtype)
 
 
@@ -232,24 +292,35 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gelu = cfg.mlp_act == "gelu_tanh"
 
     def forward(self, x):
-        post = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        gate = self.gate_proj(x)
+        post = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * self.up_proj(x)
         return self.down_proj(post), post
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
 
     def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None, want_post=False):
         """-> the block's output (the residual stream after it), its attention pattern (or None), its MLP post
         (or None: compiled, every output gets a gradient in the backward, zeros for one nothing reads)."""
         a, pattern = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, want_pattern, rows)
+        if self.sandwich:  # Gemma: a norm on each sublayer's output too (post_attention_layernorm is that one
+            # there, where Llama's is the norm before the MLP)
+            x = x + self.post_attention_layernorm(a)
+            m, post = self.mlp(self.pre_feedforward_layernorm(x))
+            return x + self.post_feedforward_layernorm(m), pattern, post if want_post else None
         x = x + a
         m, post = self.mlp(self.post_attention_layernorm(x))
         return x + m, pattern, post if want_post else None
@@ -282,11 +353,13 @@ class Transformer(nn.Module):
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.model.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.model.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
+        self.sliding = [t == "sliding_attention" for t in cfg.layer_types or [""] * cfg.n_layer]
         self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer)
                            for kind in HOOK_KINDS] + [FINAL_NORM]
 
@@ -336,16 +409,22 @@ class Transformer(nn.Module):
             pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
             if kv_cache is not None:  # causal over the cache's slots (none past the query's own)
                 mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=idx.device).tril(past)
-        freqs = pos[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+        local = mask
+        if self.cfg.sliding_window:  # the sliding layers' keys: the last sliding_window positions
+            k_idx, q_idx = torch.arange(S, device=idx.device), torch.arange(past, past + T, device=idx.device)
+            causal = mask if mask is not None else (k_idx[None, :] <= q_idx[:, None])[None, None]
+            local = causal & (k_idx[None, :] > q_idx[:, None] - self.cfg.sliding_window)
         x = self.model.embed_tokens(idx)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        if self.cfg.embed_scale != 1.0:  # Gemma
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        rope = [self.rope(pos, inv, x.dtype) for inv in (self.inv_freq, self.inv_freq_local)]
         cache = {}
         slots = torch.arange(past, past + T, device=idx.device) if kv_cache is not None else None
         for l, block in enumerate(self.model.layers):
             name = f"blocks.{l}."
             kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
-            x, pattern, post = block(x, cos, sin, mask, kv, name + "attn.hook_pattern" in want, pattern_rows,
+            x, pattern, post = block(x, *rope[self.sliding[l]], local if self.sliding[l] else mask, kv,
+                                     name + "attn.hook_pattern" in want, pattern_rows,
                                      name + "mlp.hook_post" in want)
             for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post),
                                ("hook_resid_post", x)):
@@ -356,7 +435,20 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if FINAL_NORM in want:
             cache[FINAL_NORM] = x
-        return ModelOutput(self.lm_head(x) if logits else None, cache, x, self.lm_head)
+        return ModelOutput(self.head(x) if logits else None, cache, x, self.head)
+
+    @staticmethod
+    def rope(pos, inv_freq, dtype):
+        """cos and sin of each position's rotation angles, (B, 1, T, head_dim)."""
+        freqs = pos[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def head(self, x):
+        """The logits from the final norm's output: lm_head, soft-capped in Gemma 2."""
+        logits = self.lm_head(x)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def compile_blocks(self, **options) -> "Transformer":
         """torch.compile each block (one graph serves all layers; dynamic shapes, as every batch has its own
@@ -393,7 +485,7 @@ class Transformer(nn.Module):
         step_ids = ids
         for _ in range(max_new_tokens):
             hidden = self(step_ids, attention_mask=mask, kv_cache=cache, logits=False).hidden
-            logits = self.lm_head(hidden[:, -1])  # only the last position is read
+            logits = self.head(hidden[:, -1])  # only the last position is read
             if temperature > 0:
                 logits = logits.float() / temperature
                 if top_k:
@@ -619,7 +711,8 @@ def assign_weights(cfg: ModelConfig, state: dict, source: str) -> Transformer:
     model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffers stay on meta after assign
+    # non-persistent buffers stay on meta after assign
+    model.inv_freq, model.inv_freq_local = rope_inv_freq(cfg), rope_inv_freq(cfg, local=True)
     return model.eval()
 
 

@@ -37,6 +37,15 @@ HF_CONFIGS = {
     "llama3-rope": dict(arch="LlamaConfig", extra={"rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}}),
+    # a window shorter than the tests' sequences, soft-caps low enough to bend the values, an odd query scale
+    "gemma2": dict(arch="Gemma2Config", extra={
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6, "attn_logit_softcapping": 0.5,
+        "final_logit_softcapping": 3.0}),
+    "gemma3": dict(arch="Gemma3TextConfig", extra={
+        "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 6,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 
 
@@ -46,11 +55,13 @@ def write_tiny_hf(path, family="llama", tied=False, seed=0):
     spec = HF_CONFIGS[family]
     cfg = getattr(transformers, spec["arch"])(
         vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=tied, eos_token_id=257, bos_token_id=256, **spec["extra"])
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        eos_token_id=257, bos_token_id=256, pad_token_id=257,
+        **({} if "rope_parameters" in spec["extra"] else {"rope_theta": 10000.0}), **spec["extra"])
     torch.manual_seed(seed)
     cls = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM,
-           "Qwen3Config": transformers.Qwen3ForCausalLM}[spec["arch"]]
+           "Qwen3Config": transformers.Qwen3ForCausalLM, "Gemma2Config": transformers.Gemma2ForCausalLM,
+           "Gemma3TextConfig": transformers.Gemma3ForCausalLM}[spec["arch"]]
     ref = cls(cfg).eval()
     with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them so mistakes there show
         for name, p in ref.named_parameters():

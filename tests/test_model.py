@@ -13,7 +13,7 @@ from conftest import write_byte_tokenizer, write_tiny_hf
 from model import KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3")
-            for tied in (False, True)] + [("llama3-rope", False)]
+            for tied in (False, True)] + [("llama3-rope", False), ("gemma2", True), ("gemma3", True)]
 
 
 @pytest.mark.parametrize("family,tied", FAMILIES)
@@ -154,6 +154,54 @@ def test_pattern_matches_transformers_eager(tmp_path):
     # HF's last hidden state is after the final norm; compare the blocks before it
     for l in range(model.cfg.n_layer - 1):
         assert torch.allclose(ours[f"blocks.{l}.hook_resid_post"], theirs.hidden_states[l + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_internals_match_transformers_past_the_sliding_window(tmp_path, family):
+    """20 tokens against a window of 6: the residual stream (hidden_states), the attention probabilities
+    (eager attention: soft-capping and the window included) and the input of down_proj, every layer."""
+    ref = write_tiny_hf(tmp_path, family, tied=True)
+    model, _ = load_model(str(tmp_path))
+    ref.config._attn_implementation = "eager"
+    posts = {}
+    for l, layer in enumerate(ref.model.layers):
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, l=l: posts.__setitem__(l, a[0]))
+    ids = torch.randint(0, 258, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = ref(ids, output_attentions=True, output_hidden_states=True)
+        ours = model(ids, capture=["blocks.*", "ln_final.hook_normalized"]).cache
+    assert model.sliding == [True, False, True]
+    for l in range(model.cfg.n_layer):
+        pattern = ours[f"blocks.{l}.attn.hook_pattern"]
+        assert torch.allclose(pattern, theirs.attentions[l], atol=1e-5), l
+        assert torch.allclose(ours[f"blocks.{l}.mlp.hook_post"], posts[l], atol=1e-5), l
+        if l < model.cfg.n_layer - 1:  # HF's last hidden state is after the final norm
+            assert torch.allclose(ours[f"blocks.{l}.hook_resid_post"], theirs.hidden_states[l + 1], atol=1e-5)
+        if model.sliding[l]:  # no query sees a key 6 or more positions back
+            assert pattern[..., 10, :5].abs().max() == 0 and pattern[..., 10, 5:11].min() > 0
+    assert torch.allclose(ours["ln_final.hook_normalized"], theirs.hidden_states[-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_greedy_tokens_with_and_without_the_cache_and_transformers(tmp_path, family):
+    """Prompts and replies past the sliding window: our KV-cached batch, our uncached loop and
+    transformers' generate give the same tokens; saved, the folder opens in transformers unchanged."""
+    ref = write_tiny_hf(tmp_path, family, tied=True)
+    model, tok = load_model(str(tmp_path))
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (3, 9, 7)]
+    batched = model.generate(prompts, max_new_tokens=12, eos_id=257, pad_id=257)
+    for p, got in zip(prompts, batched):
+        assert got == greedy_without_cache(model, p, 12, 257)
+        theirs = ref.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=257,
+                              pad_token_id=257)[0, len(p):].tolist()
+        assert got == (theirs[:theirs.index(257) + 1] if 257 in theirs else theirs)
+    save_model(model, tok, str(tmp_path / "saved"))
+    transformers = pytest.importorskip("transformers")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.tensor([prompts[1] * 3])
+    with torch.no_grad():
+        assert (again(ids).logits - model(ids).logits).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
