@@ -77,94 +77,6 @@ class ModelConfig:
     layer_types: list | None = None     # per layer: "sliding_attention" | "full_attention"
     rope_local_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (no scaling)
 
-    @classmethod
-    def from_hf(cls, c: dict) -> "ModelConfig":
-        archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-                 "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
-        arch = archs.get((c.get("architectures") or [""])[0])
-        if arch is None:
-            raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
-                             f"{', '.join(archs)} (Gemma 3's multimodal checkpoints: their text model "
-                             f"saved as Gemma3ForCausalLM); pick a model of one of those families")
-        gemma = arch.startswith("gemma")
-        act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
-        if act not in ("silu", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported activation {act!r}: only SwiGLU (silu) and GeGLU "
-                             f"(gelu_pytorch_tanh) MLPs are implemented")
-        if c.get("use_sliding_window"):
-            raise ValueError("Qwen's sliding-window attention is not implemented: "
-                             "use a config with use_sliding_window false")
-        # transformers >= 5 writes `rope_parameters` (theta inside it; Gemma 3's per layer type); older
-        # configs `rope_scaling`, and Gemma 3 its sliding layers' base as rope_local_base_freq
-        scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        local_theta = c.get("rope_local_base_freq")
-        if "full_attention" in scaling:
-            local_theta = (scaling.get("sliding_attention") or {}).get("rope_theta")
-            scaling = scaling["full_attention"] or {}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in ("llama3", "linear", "default"):
-            raise ValueError(f"unsupported rope scaling {scaling}: only 'llama3' and 'linear' are "
-                             f"implemented")
-        n_layer = c["num_hidden_layers"]
-        layer_types = c.get("layer_types") if gemma else None
-        if gemma and not layer_types:  # transformers' defaults: every 2nd layer global (Gemma 2), every 6th
-            every = 2 if arch == "gemma2" else c.get("sliding_window_pattern", 6)
-            layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
-                           for i in range(n_layer)]
-        eos = c.get("eos_token_id", 2)
-        n_head = c["num_attention_heads"]
-        cfg = cls(
-            vocab_size=c["vocab_size"], n_layer=n_layer, n_head=n_head,
-            n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
-            d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-            norm_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=c.get("rope_theta", scaling.get("rope_theta", 10000.0)),
-            rope_scaling=scaling if rope_type != "default" else None,
-            max_seq_len=c.get("max_position_embeddings", 4096),
-            tie_embeddings=c.get("tie_word_embeddings", False),
-            qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=arch in ("qwen3", "gemma3"), arch=arch,
-            bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma,
-            mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
-            embed_scale=c["hidden_size"] ** 0.5 if gemma else 1.0,
-            query_pre_attn_scalar=c.get("query_pre_attn_scalar") if gemma else None,
-            attn_softcap=c.get("attn_logit_softcapping") if gemma else None,
-            logit_softcap=c.get("final_logit_softcapping") if gemma else None,
-            sliding_window=c.get("sliding_window") if gemma else None, layer_types=layer_types,
-            rope_local_theta=local_theta if arch == "gemma3" else None)
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
-                     "head_dim", "max_seq_len"):
-            if (not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool)
-                    or getattr(cfg, name) < 1):
-                raise TypeError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
-        for name in ("norm_eps", "rope_theta"):
-            if not isinstance(getattr(cfg, name), (int, float)) or isinstance(getattr(cfg, name), bool):
-                raise TypeError(f"{name} must be a number, got {getattr(cfg, name)!r}")
-        return cfg
-
-    def to_hf(self) -> dict:
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[self.arch]
-        model_type = "gemma3_text" if self.arch == "gemma3" else self.arch
-        c = dict(architectures=[arch], model_type=model_type, vocab_size=self.vocab_size,
-                 num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
-                 num_key_value_heads=self.n_kv_head, hidden_size=self.d_model, intermediate_size=self.d_ff,
-                 head_dim=self.head_dim, rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                 rope_scaling=self.rope_scaling, max_position_embeddings=self.max_seq_len,
-                 tie_word_embeddings=self.tie_embeddings, hidden_act="silu", torch_dtype="float32",
-                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
-        if self.arch == "llama":
-            c.update(attention_bias=self.qkv_bias, mlp_bias=False)
-        if self.arch.startswith("gemma"):
-            c.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=self.query_pre_attn_scalar,
-                     attn_logit_softcapping=self.attn_softcap, final_logit_softcapping=self.logit_softcap,
-                     sliding_window=self.sliding_window, layer_types=self.layer_types, attention_bias=False)
-            del c["hidden_act"]
-        if self.arch == "gemma3":
-            c.update(rope_local_base_freq=self.rope_local_theta)
-        return c
-
 
 def gather(x, idx):
     """x (B, T, ...) and idx (B, N) -> x at those positions, (B, N, ...)."""
@@ -692,6 +604,97 @@ def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
     return assign_weights(cfg, state, path), Tokenizer.from_gguf(reader)
 
 
+def from_hf(c: dict) -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json, or a one-line error naming what is not supported."""
+    archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+             "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+    arch = archs.get((c.get("architectures") or [""])[0])
+    if arch is None:
+        raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
+                         f"{', '.join(archs)} (Gemma 3's multimodal checkpoints: their text model "
+                         f"saved as Gemma3ForCausalLM); pick a model of one of those families")
+    gemma = arch.startswith("gemma")
+    act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported activation {act!r}: only SwiGLU (silu) and GeGLU "
+                         f"(gelu_pytorch_tanh) MLPs are implemented")
+    if c.get("use_sliding_window"):
+        raise ValueError("Qwen's sliding-window attention is not implemented: "
+                         "use a config with use_sliding_window false")
+    # transformers >= 5 writes `rope_parameters` (theta inside it; Gemma 3's per layer type); older
+    # configs `rope_scaling`, and Gemma 3 its sliding layers' base as rope_local_base_freq
+    scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    local_theta = c.get("rope_local_base_freq")
+    if "full_attention" in scaling:
+        local_theta = (scaling.get("sliding_attention") or {}).get("rope_theta")
+        scaling = scaling["full_attention"] or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("llama3", "linear", "default"):
+        raise ValueError(f"unsupported rope scaling {scaling}: only 'llama3' and 'linear' are "
+                         f"implemented")
+    n_layer = c["num_hidden_layers"]
+    layer_types = c.get("layer_types") if gemma else None
+    if gemma and not layer_types:  # transformers' defaults: every 2nd layer global (Gemma 2), every 6th
+        every = 2 if arch == "gemma2" else c.get("sliding_window_pattern", 6)
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention"
+                       for i in range(n_layer)]
+    eos = c.get("eos_token_id", 2)
+    n_head = c["num_attention_heads"]
+    cfg = ModelConfig(
+        vocab_size=c["vocab_size"], n_layer=n_layer, n_head=n_head,
+        n_kv_head=c.get("num_key_value_heads", n_head), d_model=c["hidden_size"],
+        d_ff=c["intermediate_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+        norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=c.get("rope_theta", scaling.get("rope_theta", 10000.0)),
+        rope_scaling=scaling if rope_type != "default" else None,
+        max_seq_len=c.get("max_position_embeddings", 4096),
+        tie_embeddings=c.get("tie_word_embeddings", False),
+        qkv_bias=arch == "qwen2" or bool(c.get("attention_bias", False)),
+        qk_norm=arch in ("qwen3", "gemma3"), arch=arch,
+        bos_token_id=c.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        norm_offset=1.0 if gemma else 0.0, sandwich_norms=gemma,
+        mlp_act="gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
+        embed_scale=c["hidden_size"] ** 0.5 if gemma else 1.0,
+        query_pre_attn_scalar=c.get("query_pre_attn_scalar") if gemma else None,
+        attn_softcap=c.get("attn_logit_softcapping") if gemma else None,
+        logit_softcap=c.get("final_logit_softcapping") if gemma else None,
+        sliding_window=c.get("sliding_window") if gemma else None, layer_types=layer_types,
+        rope_local_theta=local_theta if arch == "gemma3" else None)
+    for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff",
+                 "head_dim", "max_seq_len"):
+        if (not isinstance(getattr(cfg, name), int) or isinstance(getattr(cfg, name), bool)
+                or getattr(cfg, name) < 1):
+            raise TypeError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    for name in ("norm_eps", "rope_theta"):
+        if not isinstance(getattr(cfg, name), (int, float)) or isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"{name} must be a number, got {getattr(cfg, name)!r}")
+    return cfg
+
+
+def to_hf(cfg: ModelConfig) -> dict:
+    """The Hugging Face config.json of a ModelConfig, for transformers to open a saved folder."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[cfg.arch]
+    model_type = "gemma3_text" if cfg.arch == "gemma3" else cfg.arch
+    c = dict(architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size,
+             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+             num_key_value_heads=cfg.n_kv_head, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+             head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+             rope_scaling=cfg.rope_scaling, max_position_embeddings=cfg.max_seq_len,
+             tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", torch_dtype="float32",
+             bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    if cfg.arch == "llama":
+        c.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
+    if cfg.arch.startswith("gemma"):
+        c.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                 attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.logit_softcap,
+                 sliding_window=cfg.sliding_window, layer_types=cfg.layer_types, attention_bias=False)
+        del c["hidden_act"]
+    if cfg.arch == "gemma3":
+        c.update(rope_local_base_freq=cfg.rope_local_theta)
+    return c
+
+
 def assign_weights(cfg: ModelConfig, state: dict, source: str) -> Transformer:
     """Build on the meta device (no wasted init) and take the tensors with a strict key and shape check."""
     with torch.device("meta"):
@@ -727,7 +730,7 @@ def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]
         c = json.load(open(cfg_path))
         if not isinstance(c, dict):
             raise TypeError(f"a JSON object was expected, got {type(c).__name__}")
-        cfg = ModelConfig.from_hf(c)
+        cfg = from_hf(c)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): "
                          "restore it from the source") from None
@@ -823,7 +826,7 @@ def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None
     write_atomic(os.path.join(path, "model.safetensors"),
                  lambda f: save_file(state, f, metadata={"format": "pt"}))
     write_atomic(os.path.join(path, "config.json"),
-                 lambda f: dump_json(model.cfg.to_hf() | {"torch_dtype": dtype}, f))
+                 lambda f: dump_json(to_hf(model.cfg) | {"torch_dtype": dtype}, f))
     for name, obj in (extra or {}).items():
         write_atomic(os.path.join(path, name),
                      lambda f: dump_json(obj, f) if name.endswith(".json") else torch.save(obj, f))
