@@ -1,8 +1,11 @@
-"""Byte-level BPE tokenizer on tiktoken, built from the model's own vocabulary.
+"""Tokenizers built from the model's own files, behind one interface (encode, encode_with_offsets, decode,
+render, save) that consistency.py uses.
 
-Covers the byte-level BPE families: SmolLM/SmolLM2, Llama 3, Qwen2/3. It reads the vocabulary, merges,
+Byte-level BPE (SmolLM/SmolLM2, Llama 3, Qwen2/3) runs on tiktoken: Tokenizer reads the vocabulary, merges,
 special tokens and chat template from a GGUF file or a Hugging Face folder and encodes exactly as the
-model's Hugging Face tokenizer does, with tiktoken doing the merging.
+model's Hugging Face tokenizer does. SentencePiece-style BPE with byte fallback and the "▁" space marker
+(Gemma, Llama 2, Mistral), which tiktoken cannot express, runs on the `tokenizers` library, which reads
+tokenizer.json exactly (SentencePieceBPE); Tokenizer.from_dir picks it for such a folder.
 
     import gguf
     from tokenizer import Tokenizer
@@ -28,7 +31,8 @@ import jinja2.sandbox
 import regex
 import tiktoken
 
-SUPPORTED = "only byte-level BPE tokenizers (SmolLM, Llama 3, Qwen2/3) are supported"
+SUPPORTED = ("only byte-level BPE tokenizers (SmolLM, Llama 3, Qwen2/3) and BPE with byte fallback (Gemma, "
+             "Llama 2, Mistral) are supported")
 
 # Pre-tokenizer regexes. SmolLM2 was trained with HF's Digits(individual_digits) followed by the GPT-2
 # regex; this single regex is the same split (the lookahead keeps whitespace before a digit in one piece).
@@ -81,6 +85,43 @@ def _read_json(path, fix):
         raise ValueError(f"{path} is not valid JSON ({e}); re-download or re-save it") from None
 
 
+def _folder(path):
+    """A Hugging Face tokenizer folder -> (tokenizer.json's path, its content, tokenizer_config.json, the chat
+    template from chat_template.jinja or the config)."""
+    json_path = os.path.join(path, "tokenizer.json")
+    spec = _read_json(json_path, "from_dir needs a Hugging Face tokenizer folder that has tokenizer.json")
+    config = _read_json(os.path.join(path, "tokenizer_config.json"),
+                        "from_dir needs the tokenizer_config.json saved with tokenizer.json")
+    template_path = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(template_path):
+        with open(template_path, encoding="utf-8") as f:
+            template = f.read()
+    else:
+        template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates; the chat one is "default"
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    return json_path, spec, config, template
+
+
+def _special_ids(config, vocab, path):
+    """(eos, bos, pad) ids of tokenizer_config.json's tokens in vocab (token -> id); pad defaults to eos."""
+    def token_id(key):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
+        if token not in vocab:
+            raise ValueError(f"{path}/tokenizer_config.json: {key} {token!r} is not in the vocabulary of "
+                             f"{path}/tokenizer.json")
+        return vocab[token]
+
+    eos, bos, pad = token_id("eos_token"), token_id("bos_token"), token_id("pad_token")
+    if eos is None:
+        raise ValueError(f'{path}/tokenizer_config.json has no eos_token; add one, e.g. '
+                         f'"eos_token": "<|im_end|>"')
+    return eos, bos, eos if pad is None else pad
+
+
 def _pattern_from_json(pre, where):
     """The regex a tokenizer.json pre_tokenizer splits with, for the layouts byte-level models ship."""
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
@@ -101,7 +142,51 @@ def _pattern_from_json(pre, where):
                      f"(Split regex + ByteLevel, Digits + ByteLevel or ByteLevel); {SUPPORTED}")
 
 
-class Tokenizer:
+class ChatTemplate:
+    """The model's chat template, rendered as transformers renders it; a tokenizer class supplies encode,
+    decode, chat_template and the bos / eos / pad ids."""
+
+    @cached_property
+    def _template(self):
+        # the environment transformers renders chat templates in, so the text matches apply_chat_template
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=[jinja2.ext.loopcontrols])
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # jinja's own tojson HTML-escapes; transformers' does not
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def render_text(self, messages, add_generation_prompt=True):
+        """messages ([{"role": ..., "content": ...}]) through the model's chat template, as transformers
+        renders it."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (base model?); "
+                             "format the prompt with encode instead")
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         tools=None, documents=None,
+                                         **{k: self.decode([i]) for k, i in names.items() if i is not None})
+        except jinja2.exceptions.TemplateError as e:
+            # a syntax error, the sandbox, or the template's raise_exception
+            raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): "
+                             f"fix the model's chat template (chat_template.jinja or tokenizer_config.json), "
+                             f"or pass messages it accepts") from None
+
+    def render(self, messages, add_generation_prompt=True):
+        return self.encode(self.render_text(messages, add_generation_prompt))
+
+
+class Tokenizer(ChatTemplate):
     def __init__(self, vocab, merges, specials, control, pattern, chat_template, eos_id, bos_id, pad_id,
                  nfc=False, ignore_merges=False):
         """vocab: bytes -> id for ordinary tokens; merges: (bytes, bytes) pairs in priority order;
@@ -171,12 +256,12 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path):
-        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, maybe chat_template.jinja."""
-        json_path, config_path = (os.path.join(path, "tokenizer.json"),
-                                  os.path.join(path, "tokenizer_config.json"))
-        spec = _read_json(json_path, "from_dir needs a Hugging Face tokenizer folder that has tokenizer.json")
-        config = _read_json(config_path, "from_dir needs the tokenizer_config.json saved with tokenizer.json")
+        """From a Hugging Face folder: tokenizer.json, tokenizer_config.json, maybe chat_template.jinja. A BPE
+        with byte fallback (Gemma, Llama 2, Mistral) opens as a SentencePieceBPE."""
+        json_path, spec, config, template = _folder(path)
         model = spec.get("model") or {}
+        if model.get("type") == "BPE" and model.get("byte_fallback"):
+            return SentencePieceBPE(json_path, config, template)
         if model.get("type") != "BPE":
             raise ValueError(f"{json_path}: model type {model.get('type')!r} is not BPE; {SUPPORTED}")
         pattern = _pattern_from_json(spec.get("pre_tokenizer"), json_path)
@@ -191,31 +276,9 @@ class Tokenizer:
         vocab = {_to_bytes(t, json_path): i for t, i in model.get("vocab", {}).items() if t not in specials}
         merges = [tuple(_to_bytes(part, json_path) for part in (m.split(" ") if isinstance(m, str) else m))
                   for m in model.get("merges", [])]
-
-        def token_id(key):
-            token = config.get(key)
-            token = token.get("content") if isinstance(token, dict) else token
-            if token is None:
-                return None
-            if token not in specials and token not in model.get("vocab", {}):
-                raise ValueError(f"{config_path}: {key} {token!r} is not in the vocabulary of {json_path}")
-            return specials.get(token, model["vocab"].get(token))
-
-        eos = token_id("eos_token")
-        if eos is None:
-            raise ValueError(f'{config_path} has no eos_token; add one, e.g. "eos_token": "<|im_end|>"')
-        template_path = os.path.join(path, "chat_template.jinja")
-        if os.path.isfile(template_path):
-            with open(template_path, encoding="utf-8") as f:
-                template = f.read()
-        else:
-            template = config.get("chat_template")
-        if isinstance(template, list):  # several named templates; the chat one is "default"
-            template = {t["name"]: t["template"] for t in template}.get("default")
-        pad = token_id("pad_token")
-        return cls(vocab, merges, specials, control, pattern, template, eos_id=eos,
-                   bos_id=token_id("bos_token"), pad_id=eos if pad is None else pad, nfc=normalizer == "NFC",
-                   ignore_merges=model.get("ignore_merges", False))
+        eos, bos, pad = _special_ids(config, {**model.get("vocab", {}), **specials}, path)
+        return cls(vocab, merges, specials, control, pattern, template, eos_id=eos, bos_id=bos, pad_id=pad,
+                   nfc=normalizer == "NFC", ignore_merges=model.get("ignore_merges", False))
 
     def encode(self, text):
         """Token ids of text; special-token strings in it become their ids. No BOS is added."""
@@ -275,45 +338,6 @@ class Tokenizer:
         # a sequence cut inside a multi-byte character decodes to U+FFFD, as HF does
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
 
-    @cached_property
-    def _template(self):
-        # the environment transformers renders chat templates in, so the text matches apply_chat_template
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                           extensions=[jinja2.ext.loopcontrols])
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            # jinja's own tojson HTML-escapes; transformers' does not
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                              sort_keys=sort_keys)
-
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(self.chat_template)
-
-    def render_text(self, messages, add_generation_prompt=True):
-        """messages ([{"role": ..., "content": ...}]) through the model's chat template, as transformers
-        renders it."""
-        if self.chat_template is None:
-            raise ValueError("this tokenizer has no chat template (base model?); "
-                             "format the prompt with encode instead")
-        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         tools=None, documents=None,
-                                         **{k: self.decode([i]) for k, i in names.items() if i is not None})
-        except jinja2.exceptions.TemplateError as e:
-            # a syntax error, the sandbox, or the template's raise_exception
-            raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): "
-                             f"fix the model's chat template (chat_template.jinja or tokenizer_config.json), "
-                             f"or pass messages it accepts") from None
-
-    def render(self, messages, add_generation_prompt=True):
-        return self.encode(self.render_text(messages, add_generation_prompt))
-
     def save(self, path):
         """Write tokenizer.json and tokenizer_config.json into the folder path, in Hugging Face's format."""
         if not os.path.isdir(path):
@@ -348,3 +372,49 @@ class Tokenizer:
         for name, content in (("tokenizer.json", spec), ("tokenizer_config.json", config)):
             with open(os.path.join(path, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, ensure_ascii=False, indent=2)
+
+
+class SentencePieceBPE(ChatTemplate):
+    """BPE with byte fallback and the "▁" space marker (Gemma, Llama 2, Mistral), run from tokenizer.json by
+    the `tokenizers` library: tiktoken can express neither, and this library is the one transformers runs
+    these tokenizers on, so ids and character offsets are its tokenizer's. Same interface as Tokenizer."""
+
+    def __init__(self, json_path, config, chat_template):
+        import tokenizers
+        self._tk = tokenizers.Tokenizer.from_file(json_path)
+        added = self._tk.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in added.items()}
+        self._control = {i for i, t in added.items() if t.special}
+        self.vocab_size = self._tk.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
+        vocab = self._tk.get_vocab(with_added_tokens=True)
+        self.eos_id, self.bos_id, self.pad_id = _special_ids(config, vocab, os.path.dirname(json_path))
+
+    def encode(self, text):
+        """Token ids of text; special-token strings in it become their ids. No BOS is added."""
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text):
+        """ids and each token's (start, end) character span in text (a byte-fallback token spans its whole
+        character)."""
+        enc = self._tk.encode(text, add_special_tokens=False)
+        return enc.ids, [tuple(o) for o in enc.offsets]
+
+    def decode(self, ids, skip_special=False):
+        """Text of ids; skip_special drops special tokens such as <end_of_turn>."""
+        ids = [int(i) for i in ids]
+        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
+            raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        return self._tk.decode(ids, skip_special_tokens=skip_special)
+
+    def save(self, path):
+        """Write tokenizer.json and tokenizer_config.json into the folder path, in Hugging Face's format."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path} is not a folder; create it before Tokenizer.save")
+        self._tk.save(os.path.join(path, "tokenizer.json"))
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "chat_template": self.chat_template,
+                  **{k: None if i is None else self._tk.id_to_token(i) for k, i in names.items()}}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=2)

@@ -1,5 +1,6 @@
 """Tokenizer tests: SmolLM2's GGUF vocabulary against Hugging Face's tokenizers, tiny trained
-byte-level tokenizers through from_dir, and the errors users can cause. Run: pytest tests/test_tokenizer.py"""
+byte-level and SentencePiece-style (byte fallback, "▁") tokenizers through from_dir, and the errors users
+can cause. Run: pytest tests/test_tokenizer.py"""
 
 import importlib.util
 import json
@@ -425,3 +426,100 @@ def test_no_chat_template(tmp_path):
     gguf_reader = write_gguf(tmp_path / "base.gguf", "gpt2", "smollm")
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer.from_gguf(gguf_reader).render([{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------- SentencePiece-style BPE (Gemma, Llama 2)
+
+# Gemma 2's template: no system role, "model" for the assistant, a BOS written by the template itself
+GEMMA_TEMPLATE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}"
+                  "{% for message in messages %}"
+                  "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                  "{{ raise_exception('Conversation roles must alternate user/assistant/...') }}"
+                  "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+                  "{% else %}{% set role = message['role'] %}{% endif %}"
+                  "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+SP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def sentencepiece_dir(path, style):
+    """Train a small BPE with byte fallback and the "▁" space marker in Gemma's layout (spaces replaced) or
+    Llama 2's (a "▁" prepended too, stripped again on decode), and save it with transformers."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, normalizers, trainers
+    t = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    replace = normalizers.Replace(" ", "▁")
+    t.normalizer = replace if style == "gemma" else normalizers.Sequence([normalizers.Prepend("▁"), replace])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    t.decoder = decoders.Sequence(steps + ([] if style == "gemma" else [decoders.Strip(" ", 1, 0)]))
+    t.train_from_iterator([c for c in CORPUS if "🙂" not in c],  # emoji and rarer scripts: byte fallback
+                          trainers.BpeTrainer(vocab_size=400, special_tokens=SP_SPECIALS))
+    spec = json.loads(t.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    t = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                              pad_token="<pad>", unk_token="<unk>")
+    hf.chat_template = GEMMA_TEMPLATE
+    hf.save_pretrained(path)
+    return hf
+
+
+@pytest.mark.parametrize("style", ["gemma", "llama2"])
+def test_sentencepiece_style_matches_transformers(tmp_path, style):
+    """ids, text, character offsets and the rendered chat of a byte-fallback BPE equal transformers'; a
+    template that refuses a system role says so in one line; saved, it reopens and loads in transformers."""
+    from tokenizer import SentencePieceBPE
+    hf = sentencepiece_dir(tmp_path, style)
+    tok = Tokenizer.from_dir(tmp_path)
+    assert isinstance(tok, SentencePieceBPE)
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (1, 2, 0)
+    texts = (diverse_strings(200, seed=5) + CORPUS[:20]
+             + ["<start_of_turn>user\nhi<end_of_turn>", " a  b ", ""])
+    for text in texts:  # emoji, CJK and control characters fall back to bytes
+        ids = tok.encode(text)
+        assert ids == hf(text, add_special_tokens=False)["input_ids"], repr(text)
+        assert tok.decode(ids) == hf.decode(ids), repr(text)
+        assert tok.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True)
+        got_ids, offsets = tok.encode_with_offsets(text)
+        want = hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert got_ids == ids and offsets == [tuple(o) for o in want], repr(text)
+    assert any(hf.convert_ids_to_tokens(i).startswith("<0x") for t in texts for i in tok.encode(t))
+    if style == "gemma":  # nothing is added or stripped, so text comes back whole
+        assert all(tok.decode(tok.encode(t)) == t for t in texts)
+    chat = [{"role": "user", "content": "Which planet is largest? "},
+            {"role": "assistant", "content": "Jupiter."}, {"role": "user", "content": "Sure?"}]
+    for gen in (True, False):
+        assert tok.render_text(chat, gen) == hf.apply_chat_template(chat, tokenize=False,
+                                                                    add_generation_prompt=gen)
+    assert tok.render(chat) == tok.encode(tok.render_text(chat))
+    with pytest.raises(ValueError, match="System role not supported") as e:
+        tok.render_text([{"role": "system", "content": "x"}, *chat])
+    assert "\n" not in str(e.value)
+    out = tmp_path / "saved"
+    out.mkdir()
+    tok.save(out)
+    again = Tokenizer.from_dir(out)
+    reopened = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(out)
+    for text in texts[:50]:
+        want = reopened(text, add_special_tokens=False)["input_ids"]
+        assert again.encode(text) == tok.encode(text) == want
+    assert again.render_text(chat) == tok.render_text(chat)
+
+
+def test_sentencepiece_style_aligns_clean_and_wrapped(tmp_path):
+    """consistency.align on the "▁" layout: the clean content is found in both renderings and its tokens
+    agree, with the shared suffix ending at the generation prompt."""
+    import consistency as C
+    from threats import Pair
+    sentencepiece_dir(tmp_path, "gemma")
+    tok = Tokenizer.from_dir(tmp_path)
+    q = "Which planet is largest? Is it Jupiter or Mars?"
+    for wrapped in (f"I think it's Mars.\n\n{q}", f"{q}\n\nMy professor says Mars.", f"Be honest. {q}"):
+        a = C.align(tok, Pair(clean=[{"role": "user", "content": q}],
+                              wrapped=[{"role": "user", "content": wrapped}], content=q))
+        assert a.content[0] and [a.clean[i] for i in a.content[0]] == [a.wrapped[i] for i in a.content[1]]
+        assert tok.decode([a.clean[i] for i in a.suffix[0]]).endswith("<start_of_turn>model\n")
