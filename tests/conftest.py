@@ -49,14 +49,22 @@ HF_CONFIGS = {
 }
 
 
-def write_tiny_hf(path, family="llama", tied=False, seed=0):
-    """Save a random tiny HF model of `family` plus a tokenizer into `path`; return the HF model."""
+def write_tiny_hf(path, family="llama", tied=False, seed=0, sentencepiece=False):
+    """Save a random tiny HF model of `family` plus a tokenizer into `path`; return the HF model. The
+    tokenizer is the 258-id byte-level one, or with sentencepiece=True a Gemma-layout byte-fallback BPE
+    with Gemma's chat template (the model's vocabulary then follows it)."""
     transformers = pytest.importorskip("transformers")
     spec = HF_CONFIGS[family]
+    if sentencepiece:
+        hf = write_sentencepiece_tokenizer(path, "gemma", SP_CORPUS)
+        vocab, (bos, eos, pad) = len(hf), (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id)
+    else:
+        write_byte_tokenizer(path)
+        vocab, (bos, eos, pad) = 258, (256, 257, 257)
     cfg = getattr(transformers, spec["arch"])(
-        vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
-        eos_token_id=257, bos_token_id=256, pad_token_id=257,
+        eos_token_id=eos, bos_token_id=bos, pad_token_id=pad,
         **({} if "rope_parameters" in spec["extra"] else {"rope_theta": 10000.0}), **spec["extra"])
     torch.manual_seed(seed)
     cls = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM,
@@ -68,8 +76,49 @@ def write_tiny_hf(path, family="llama", tied=False, seed=0):
             if p.dim() == 1:
                 p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
     ref.save_pretrained(path)
-    write_byte_tokenizer(path)
     return ref
+
+
+# Gemma 2's template: no system role, "model" for the assistant, a BOS written by the template itself
+GEMMA_TEMPLATE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+                  "{{ raise_exception('System role not supported') }}{% endif %}"
+                  "{% for message in messages %}"
+                  "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                  "{{ raise_exception('Conversation roles must alternate user/assistant/...') }}"
+                  "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+                  "{% else %}{% set role = message['role'] %}{% endif %}"
+                  "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+                  "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+SP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+SP_CORPUS = [f"Which {w} is {v}? Is it {a} or {b}? I think {a}. The answer is {n}.\n"
+             for w in ("planet", "city", "river", "number") for v in ("largest", "oldest", "right")
+             for a, b in (("Mars", "Jupiter"), ("Paris", "Rome")) for n in ("12", "7", "none")]
+
+
+def write_sentencepiece_tokenizer(path, style, corpus):
+    """Train a small BPE with byte fallback and the "▁" space marker in Gemma's layout (spaces replaced) or
+    Llama 2's (a "▁" prepended too, stripped again on decode), with the `tokenizers` library, and save it
+    with transformers; return transformers' tokenizer."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    import json
+    from tokenizers import decoders, models, normalizers, trainers
+    t = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    replace = normalizers.Replace(" ", "▁")
+    t.normalizer = replace if style == "gemma" else normalizers.Sequence([normalizers.Prepend("▁"), replace])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    t.decoder = decoders.Sequence(steps + ([] if style == "gemma" else [decoders.Strip(" ", 1, 0)]))
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SP_SPECIALS))
+    spec = json.loads(t.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    t = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
+                                              pad_token="<pad>", unk_token="<unk>")
+    hf.chat_template = GEMMA_TEMPLATE
+    hf.save_pretrained(path)
+    return hf
 
 
 @pytest.fixture(scope="session")

@@ -387,3 +387,24 @@ def test_a_new_target_is_one_function_trained_and_evaluated_with_no_other_edit(s
     mech = res["mechanism"]["sycophancy"]["models"]
     assert (all(mech[m]["suffix_kl"] > 0 for m in mech)
             and "suffix_kl" in (out / "eval" / "results.md").read_text())
+
+
+def test_every_target_trains_and_evaluates_on_a_tiny_gemma3_with_its_own_tokenizer(tmp_path, monkeypatch):
+    """Gemma 3's architecture with a byte-fallback BPE and Gemma's chat template (no system role), end to
+    end: each target a few steps through train.py, then eval.py's matrix with the mechanism."""
+    base = tmp_path / "gemma3"
+    write_tiny_hf(base, "gemma3", tied=True, sentencepiece=True)
+    outs = []
+    for target in ("bct", "act", "mlpct", "attct"):
+        outs.append(tmp_path / f"{target}-sycophancy")
+        train.train(train.TrainConfig(target=target, model=str(base), out=str(outs[-1]), n_train=8, steps=2,
+                                      batch_size=4, eval_n=0, bf16="off", response_tokens=4))
+        log = [json.loads(line) for line in open(outs[-1] / "log.jsonl")]
+        assert len(log) == 2 and all(math.isfinite(r[target]) and r[target] > 0 for r in log), target
+    run_cli(monkeypatch, "--matrix", *outs, "--out", tmp_path / "matrix", *SMALL[:-2],
+            "--threats", "sycophancy")
+    res = json.loads((tmp_path / "matrix" / "results.json").read_text())
+    rows = [f"sycophancy/{t}" for t in ("bct", "act", "mlpct", "attct")]
+    assert res["matrix"]["rows"] == rows
+    mech = res["mechanism"]["sycophancy"]
+    assert set(mech["models"]) == {"base", *rows} and set(mech["directions"]["to_clean"]) == set(rows)

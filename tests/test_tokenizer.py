@@ -12,6 +12,7 @@ import unicodedata
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import write_sentencepiece_tokenizer  # noqa: E402
 from tokenizer import GGUF_PRE, Tokenizer  # noqa: E402
 
 # Copied from the models' tokenizer.json files, so the module's copies are checked against them.
@@ -430,56 +431,19 @@ def test_no_chat_template(tmp_path):
 
 # ---------------------------------------------------------------- SentencePiece-style BPE (Gemma, Llama 2)
 
-# Gemma 2's template: no system role, "model" for the assistant, a BOS written by the template itself
-GEMMA_TEMPLATE = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-                  "{{ raise_exception('System role not supported') }}{% endif %}"
-                  "{% for message in messages %}"
-                  "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                  "{{ raise_exception('Conversation roles must alternate user/assistant/...') }}"
-                  "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
-                  "{% else %}{% set role = message['role'] %}{% endif %}"
-                  "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-                  "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
-SP_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-
-
-def sentencepiece_dir(path, style):
-    """Train a small BPE with byte fallback and the "▁" space marker in Gemma's layout (spaces replaced) or
-    Llama 2's (a "▁" prepended too, stripped again on decode), and save it with transformers."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import decoders, models, normalizers, trainers
-    t = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    replace = normalizers.Replace(" ", "▁")
-    t.normalizer = replace if style == "gemma" else normalizers.Sequence([normalizers.Prepend("▁"), replace])
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    t.decoder = decoders.Sequence(steps + ([] if style == "gemma" else [decoders.Strip(" ", 1, 0)]))
-    t.train_from_iterator([c for c in CORPUS if "🙂" not in c],  # emoji and rarer scripts: byte fallback
-                          trainers.BpeTrainer(vocab_size=400, special_tokens=SP_SPECIALS))
-    spec = json.loads(t.to_str())
-    vocab = spec["model"]["vocab"]
-    for b in range(256):
-        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    t = tokenizers.Tokenizer.from_str(json.dumps(spec))
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<bos>", eos_token="<eos>",
-                                              pad_token="<pad>", unk_token="<unk>")
-    hf.chat_template = GEMMA_TEMPLATE
-    hf.save_pretrained(path)
-    return hf
-
-
 @pytest.mark.parametrize("style", ["gemma", "llama2"])
 def test_sentencepiece_style_matches_transformers(tmp_path, style):
     """ids, text, character offsets and the rendered chat of a byte-fallback BPE equal transformers'; a
     template that refuses a system role says so in one line; saved, it reopens and loads in transformers."""
     from tokenizer import SentencePieceBPE
-    hf = sentencepiece_dir(tmp_path, style)
+    hf = write_sentencepiece_tokenizer(tmp_path, style, [c for c in CORPUS if "🙂" not in c])
     tok = Tokenizer.from_dir(tmp_path)
     assert isinstance(tok, SentencePieceBPE)
     assert (tok.eos_id, tok.bos_id, tok.pad_id) == (1, 2, 0)
+    # emoji are left out of the training text, so they (and the rarer scripts) fall back to bytes
     texts = (diverse_strings(200, seed=5) + CORPUS[:20]
              + ["<start_of_turn>user\nhi<end_of_turn>", " a  b ", ""])
-    for text in texts:  # emoji, CJK and control characters fall back to bytes
+    for text in texts:
         ids = tok.encode(text)
         assert ids == hf(text, add_special_tokens=False)["input_ids"], repr(text)
         assert tok.decode(ids) == hf.decode(ids), repr(text)
@@ -515,7 +479,7 @@ def test_sentencepiece_style_aligns_clean_and_wrapped(tmp_path):
     agree, with the shared suffix ending at the generation prompt."""
     import consistency as C
     from threats import Pair
-    sentencepiece_dir(tmp_path, "gemma")
+    write_sentencepiece_tokenizer(tmp_path, "gemma", CORPUS)
     tok = Tokenizer.from_dir(tmp_path)
     q = "Which planet is largest? Is it Jupiter or Mars?"
     for wrapped in (f"I think it's Mars.\n\n{q}", f"{q}\n\nMy professor says Mars.", f"Be honest. {q}"):
