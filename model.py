@@ -329,7 +329,9 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         if self.cfg.embed_scale != 1.0:  # Gemma
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        rope = [self.rope(pos, inv, x.dtype) for inv in (self.inv_freq, self.inv_freq_local)]
+        rope = [self.rope(pos, self.inv_freq, x.dtype)] * 2  # [full layers, sliding layers]
+        if self.cfg.rope_local_theta:  # Gemma 3's sliding layers turn at their own rate
+            rope[1] = self.rope(pos, self.inv_freq_local, x.dtype)
         cache = {}
         slots = torch.arange(past, past + T, device=idx.device) if kv_cache is not None else None
         for l, block in enumerate(self.model.layers):
