@@ -171,7 +171,7 @@ class ChatTemplate:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (base model?); "
                              "format the prompt with encode instead")
-        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        names = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          tools=None, documents=None,
@@ -184,6 +184,21 @@ class ChatTemplate:
 
     def render(self, messages, add_generation_prompt=True):
         return self.encode(self.render_text(messages, add_generation_prompt))
+
+    def _end_turns(self):
+        """Make eos_id the special token the chat template closes an assistant turn with, where that is not
+        eos (Gemma's <end_of_turn>): a reply ends there, so generation stops on it and SFT targets end with
+        it. The configured eos is kept for saving."""
+        self._configured_eos, mark = self.eos_id, "Zq7Xw"
+        try:
+            turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}]
+            text = self.render_text(turns, add_generation_prompt=False) if self.chat_template else ""
+        except ValueError:  # a template that takes no such conversation keeps eos
+            return
+        tail = text[text.rfind(mark) + len(mark):] if mark in text else ""
+        ends = [i for t, i in sorted(self.special_tokens.items(), key=lambda kv: -len(kv[0]))
+                if tail.startswith(t)]
+        self.eos_id = ends[0] if ends else self.eos_id
 
 
 class Tokenizer(ChatTemplate):
@@ -218,6 +233,7 @@ class Tokenizer(ChatTemplate):
         self._bytes = [b""] * self.vocab_size
         for t, i in [*vocab.items(), *((t.encode("utf-8"), i) for t, i in specials.items())]:
             self._bytes[i] = t
+        self._end_turns()
 
     @classmethod
     def from_gguf(cls, reader):
@@ -365,7 +381,7 @@ class Tokenizer(ChatTemplate):
                                             *self.special_tokens.items()], key=lambda kv: kv[1])),
                       "merges": [f"{_to_chars(a)} {_to_chars(b)}" for a, b in self._merges]},
         }
-        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        names = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   "unk_token": None, "chat_template": self.chat_template,
                   **{k: None if i is None else self.decode([i]) for k, i in names.items()}}
@@ -389,6 +405,7 @@ class SentencePieceBPE(ChatTemplate):
         self.chat_template = chat_template
         vocab = self._tk.get_vocab(with_added_tokens=True)
         self.eos_id, self.bos_id, self.pad_id = _special_ids(config, vocab, os.path.dirname(json_path))
+        self._end_turns()
 
     def encode(self, text):
         """Token ids of text; special-token strings in it become their ids. No BOS is added."""
@@ -412,7 +429,7 @@ class SentencePieceBPE(ChatTemplate):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a folder; create it before Tokenizer.save")
         self._tk.save(os.path.join(path, "tokenizer.json"))
-        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        names = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                   "chat_template": self.chat_template,
                   **{k: None if i is None else self._tk.id_to_token(i) for k, i in names.items()}}

@@ -439,7 +439,8 @@ def test_sentencepiece_style_matches_transformers(tmp_path, style):
     hf = write_sentencepiece_tokenizer(tmp_path, style, [c for c in CORPUS if "🙂" not in c])
     tok = Tokenizer.from_dir(tmp_path)
     assert isinstance(tok, SentencePieceBPE)
-    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (1, 2, 0)
+    # a reply ends where the template closes the assistant's turn, at <end_of_turn>, not at <eos>
+    assert (tok.eos_id, tok.bos_id, tok.pad_id) == (hf.convert_tokens_to_ids("<end_of_turn>"), 2, 0)
     # emoji are left out of the training text, so they (and the rarer scripts) fall back to bytes
     texts = (diverse_strings(200, seed=5) + CORPUS[:20]
              + ["<start_of_turn>user\nhi<end_of_turn>", " a  b ", ""])
@@ -467,6 +468,7 @@ def test_sentencepiece_style_matches_transformers(tmp_path, style):
     out.mkdir()
     tok.save(out)
     again = Tokenizer.from_dir(out)
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == "<eos>"  # as configured
     reopened = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(out)
     for text in texts[:50]:
         want = reopened(text, add_special_tokens=False)["input_ids"]
