@@ -606,6 +606,13 @@ def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
     return assign_weights(cfg, state, path), Tokenizer.from_gguf(reader)
 
 
+# transformers' Gemma3TextConfig defaults, which the hub's multimodal configs leave out of text_config
+GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                            max_position_embeddings=131_072, rms_norm_eps=1e-6, query_pre_attn_scalar=256,
+                            sliding_window=4096, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                            tie_word_embeddings=True, eos_token_id=1, bos_token_id=2)
+
+
 def from_hf(c: dict) -> ModelConfig:
     """A ModelConfig from a Hugging Face config.json, or a one-line error naming what is not supported."""
     archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
@@ -613,8 +620,8 @@ def from_hf(c: dict) -> ModelConfig:
     arch = archs.get((c.get("architectures") or [""])[0])
     if arch is None:
         raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
-                         f"{', '.join(archs)} (Gemma 3's multimodal checkpoints: their text model "
-                         f"saved as Gemma3ForCausalLM); pick a model of one of those families")
+                         f"{', '.join(archs)} (and Gemma 3's multimodal checkpoints, as their text model); "
+                         f"pick a model of one of those families")
     gemma = arch.startswith("gemma")
     act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
     if act not in ("silu", "gelu_pytorch_tanh"):
@@ -732,6 +739,9 @@ def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]
         c = json.load(open(cfg_path))
         if not isinstance(c, dict):
             raise TypeError(f"a JSON object was expected, got {type(c).__name__}")
+        multimodal = (c.get("architectures") or [""])[0] == "Gemma3ForConditionalGeneration"
+        if multimodal:  # Gemma 3 4B and up: the text model is the language model inside
+            c = GEMMA3_TEXT_DEFAULTS | c["text_config"] | {"architectures": ["Gemma3ForCausalLM"]}
         cfg = from_hf(c)
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): "
@@ -746,6 +756,10 @@ def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]
             state.update({k: v.to(dtype) for k, v in load_file(shard).items()})
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{shard} is corrupt ({e}): re-download or re-save it") from None
+    if multimodal:  # language_model.model.* -> model.*; the vision tower and projector stay behind
+        state = {re.sub(r"^(language_model\.|model\.language_model\.)", "", k): v for k, v in state.items()
+                 if k.startswith(("language_model.", "model.language_model."))}
+        state = {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in state.items()}
     return assign_weights(cfg, state, path), Tokenizer.from_dir(path)
 
 

@@ -204,6 +204,32 @@ def test_gemma_greedy_tokens_with_and_without_the_cache_and_transformers(tmp_pat
         assert (again(ids).logits - model(ids).logits).abs().max() <= 1e-4
 
 
+def test_gemma3_multimodal_checkpoint_loads_as_its_text_model(tmp_path):
+    """Gemma 3 4B and up ship as Gemma3ForConditionalGeneration: the language model inside it, with the
+    vision tower left behind, gives transformers' logits on text."""
+    transformers = pytest.importorskip("transformers")
+    text = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"], eos_token_id=257,
+                bos_token_id=256, pad_token_id=257)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    write_byte_tokenizer(tmp_path)
+    model, _ = load_model(str(tmp_path))
+    assert model.cfg.arch == "gemma3" and model.sliding == [True, False, True]
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids).logits - ref(input_ids=ids).logits).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_gives_per_example_results(tiny, side):
     model, _, _ = tiny
