@@ -210,8 +210,8 @@ def test_gemma3_multimodal_checkpoint_loads_as_its_text_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     text = dict(vocab_size=258, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
-                query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention", "sliding_attention"], eos_token_id=257,
-                bos_token_id=256, pad_token_id=257)
+                query_pre_attn_scalar=24, eos_token_id=257, bos_token_id=256, pad_token_id=257,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                   image_size=28, patch_size=14)
     torch.manual_seed(0)
