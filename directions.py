@@ -48,7 +48,7 @@ def cosine(a, b):
 
 
 def per_pair(clean, wrapped, moved):
-    """{(stat, label or 'a | b'): (pairs, layers) array} from theta0's residuals on the clean and wrapped
+    """{(stat, label or 'a vs b'): (pairs, layers) array} from theta0's residuals on the clean and wrapped
     prompts and each model's on the wrapped ones (lists over pairs of (L, S, d) tensors)."""
     out = {}
     labels = list(moved)
@@ -61,7 +61,7 @@ def per_pair(clean, wrapped, moved):
             rows["to_clean", m] = cosine(d[m], hx - hw)
         for j, a in enumerate(labels):
             for b in labels[j + 1:]:
-                rows["similarity", f"{a} | {b}"] = cosine(d[a], d[b])
+                rows["similarity", f"{a} vs {b}"] = cosine(d[a], d[b])
         for key, v in rows.items():
             out.setdefault(key, []).append(v)
     return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
@@ -105,7 +105,7 @@ class Directions:
         self.moved[label] = suffix_residuals(model, self.tok, self.aligned, "w", self.batch_size)
 
     def summary(self, n_boot=1000, seed=0):
-        """{"pairs", "layers", "distance": {label: stats}, "to_clean": {...}, "similarity": {"a | b": ...}},
+        """{"pairs", "layers", "distance": {label: stats}, "to_clean": {...}, "similarity": {"a vs b": ...}},
         or None where no pair shares a suffix."""
         if not self.aligned:
             return None
@@ -142,7 +142,7 @@ def plot(d, title, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     sim = np.eye(len(labels))
     for pair, s in d.get("similarity", {}).items():
-        a, b = (labels.index(x) for x in pair.split(" | "))
+        a, b = (labels.index(x) for x in pair.split(" vs "))
         sim[a, b] = sim[b, a] = np.nan if s["all_layers"][0] is None else s["all_layers"][0]
     ax = axes[0]
     im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")

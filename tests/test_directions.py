@@ -68,8 +68,8 @@ def test_directions_by_hand():
     values = D.per_pair(clean, wrapped, {"toward": toward, "away": away, "still": wrapped})
     assert np.allclose(values["to_clean", "toward"], 1) and np.allclose(values["to_clean", "away"], -1)
     assert np.isnan(values["to_clean", "still"]).all()
-    assert np.allclose(values["similarity", "toward | away"], -1)
-    assert np.isnan(values["similarity", "toward | still"]).all()
+    assert np.allclose(values["similarity", "toward vs away"], -1)
+    assert np.isnan(values["similarity", "toward vs still"]).all()
     for i, (c, w) in enumerate(zip(clean, wrapped)):
         for layer in range(3):
             gap, norm = np.linalg.norm((w - c)[layer].numpy()), np.linalg.norm(c[layer].numpy())
