@@ -477,8 +477,9 @@ def rows_from(cfg) -> list[Row]:
         rows.append(Row(path, base, label, c.get("threat", "sycophancy"), c.get("target", "")))
     if not rows:
         raise ValueError("nothing to evaluate: pass --ckpt DIR or --matrix DIR [DIR ...]")
-    for r in rows:
-        if [x.label for x in rows].count(r.label) > 1:
+    shared = {r.label for r in rows if [x.label for x in rows].count(r.label) > 1}
+    for r in rows:  # every run of a shared label is named by its folder, not only the first
+        if r.label in shared:
             r.label += f" ({os.path.basename(os.path.normpath(r.path))})"
     taken = set()
     for r in rows:  # and where folders share that name too

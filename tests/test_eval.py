@@ -269,6 +269,17 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
     assert cut == whole
 
 
+def test_runs_of_one_target_and_threat_are_each_named_by_their_folder(tmp_path):
+    for name in ("prefill", "prefill-retain50", "prefill-lr"):
+        (tmp_path / name).mkdir()
+        run = {"config": {"target": "prefill", "threat": "prefill", "model": "smollm2-135m-instruct"}}
+        (tmp_path / name / "run.json").write_text(json.dumps(run))
+    names = ("prefill", "prefill-retain50", "prefill-lr")
+    rows = ev.rows_from(ev.EvalConfig(matrix=",".join(str(tmp_path / n) for n in names)))
+    assert sorted(r.label for r in rows) == ["prefill/prefill (prefill)", "prefill/prefill (prefill-lr)",
+                                             "prefill/prefill (prefill-retain50)"]
+
+
 def test_two_bases_with_one_folder_name_keep_apart(tmp_path, monkeypatch):
     """Labels name a base by its folder and a checkpoint by its run (then its folder); two of either in
     folders of one name get labels, results and files of their own."""
