@@ -113,9 +113,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig, local=False) -> torch.Tensor:
     """RoPE's inverse frequencies; local: those of the sliding layers, where Gemma 3 has its own base."""
-    theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+    own = local and cfg.rope_local_theta  # Gemma 3's sliding layers: their own base, no scaling
+    theta, s = (cfg.rope_local_theta, None) if own else (cfg.rope_theta, cfg.rope_scaling)
     inv_freq = 1.0 / theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
-    s = None if local and cfg.rope_local_theta else cfg.rope_scaling
     if s and s.get("rope_type", s.get("type")) == "linear":  # Gemma 3's global layers: positions / factor
         return (inv_freq / s["factor"]).float()
     if s:  # Llama 3.1: stretch low frequencies, keep high ones, interpolate between
@@ -304,6 +304,8 @@ class Transformer(nn.Module):
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): "
                              f"encode with this model's tokenizer")
+        k_idx = torch.arange(S, device=idx.device)  # key slots, and the slot of each query
+        q_idx = k_idx[past:past + T, None]
         mask = None
         if attention_mask is not None:
             if attention_mask.shape != (B, past + T):
@@ -312,8 +314,6 @@ class Transformer(nn.Module):
             am = attention_mask.bool()
             pos = (am.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             am = F.pad(am, (0, S - am.shape[1]))  # cache slots not written yet
-            k_idx = torch.arange(S, device=idx.device)
-            q_idx = k_idx[past:past + T, None]
             # a pad query would otherwise see no key at all and turn into NaN; let it see itself
             mask = ((k_idx[None, :] <= q_idx) & am[:, None, :]) | (k_idx[None, :] == q_idx)
             mask = mask[:, None]
@@ -323,9 +323,8 @@ class Transformer(nn.Module):
                 mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=idx.device).tril(past)
         local = mask
         if self.cfg.sliding_window:  # the sliding layers' keys: the last sliding_window positions
-            k_idx, q_idx = torch.arange(S, device=idx.device), torch.arange(past, past + T, device=idx.device)
-            causal = mask if mask is not None else (k_idx[None, :] <= q_idx[:, None])[None, None]
-            local = causal & (k_idx[None, :] > q_idx[:, None] - self.cfg.sliding_window)
+            causal = mask if mask is not None else (k_idx[None, :] <= q_idx)[None, None]
+            local = causal & (k_idx[None, :] > q_idx - self.cfg.sliding_window)
         x = self.model.embed_tokens(idx)
         if self.cfg.embed_scale != 1.0:  # Gemma
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
@@ -613,15 +612,18 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, head_dim=256, hidden_activation=
                             tie_word_embeddings=True, eos_token_id=1, bos_token_id=2)
 
 
+# config.json's architecture -> ModelConfig.arch
+HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+
+
 def from_hf(c: dict) -> ModelConfig:
     """A ModelConfig from a Hugging Face config.json, or a one-line error naming what is not supported."""
-    archs = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-             "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
-    arch = archs.get((c.get("architectures") or [""])[0])
+    arch = HF_ARCHS.get((c.get("architectures") or [""])[0])
     if arch is None:
         raise ValueError(f"unsupported architecture {c.get('architectures')}: this project runs "
-                         f"{', '.join(archs)} (and Gemma 3's multimodal checkpoints, as their text model); "
-                         f"pick a model of one of those families")
+                         f"{', '.join(HF_ARCHS)} (and Gemma 3's multimodal checkpoints, as their text "
+                         f"model); pick a model of one of those families")
     gemma = arch.startswith("gemma")
     act = c.get("hidden_activation") or c.get("hidden_act") or "silu"
     if act not in ("silu", "gelu_pytorch_tanh"):
@@ -682,8 +684,7 @@ def from_hf(c: dict) -> ModelConfig:
 
 def to_hf(cfg: ModelConfig) -> dict:
     """The Hugging Face config.json of a ModelConfig, for transformers to open a saved folder."""
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[cfg.arch]
+    arch = next(hf for hf, ours in HF_ARCHS.items() if ours == cfg.arch)
     model_type = "gemma3_text" if cfg.arch == "gemma3" else cfg.arch
     c = dict(architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size,
              num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
