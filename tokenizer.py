@@ -142,9 +142,21 @@ def _pattern_from_json(pre, where):
                      f"(Split regex + ByteLevel, Digits + ByteLevel or ByteLevel); {SUPPORTED}")
 
 
-class ChatTemplate:
-    """The model's chat template, rendered as transformers renders it; a tokenizer class supplies encode,
-    decode, chat_template and the bos / eos / pad ids."""
+class TokenizerBase:
+    """What both tokenizers share: the model's chat template rendered as transformers renders it, where a
+    reply ends, the special tokens' texts and the id check. A tokenizer class supplies encode, decode,
+    chat_template, vocab_size and the bos / eos / pad ids."""
+
+    def special_texts(self):
+        """{"bos_token", "eos_token", "pad_token"} -> the configured token's text, or None."""
+        ids = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
+        return {k: None if i is None else self.decode([i]) for k, i in ids.items()}
+
+    def _checked(self, ids):
+        ids = [int(i) for i in ids]
+        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
+            raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        return ids
 
     @cached_property
     def _template(self):
@@ -171,11 +183,10 @@ class ChatTemplate:
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (base model?); "
                              "format the prompt with encode instead")
-        names = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          tools=None, documents=None,
-                                         **{k: self.decode([i]) for k, i in names.items() if i is not None})
+                                         **{k: t for k, t in self.special_texts().items() if t is not None})
         except jinja2.exceptions.TemplateError as e:
             # a syntax error, the sandbox, or the template's raise_exception
             raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): "
@@ -201,7 +212,7 @@ class ChatTemplate:
         self.eos_id = ends[0] if ends else self.eos_id
 
 
-class Tokenizer(ChatTemplate):
+class Tokenizer(TokenizerBase):
     def __init__(self, vocab, merges, specials, control, pattern, chat_template, eos_id, bos_id, pad_id,
                  nfc=False, ignore_merges=False):
         """vocab: bytes -> id for ordinary tokens; merges: (bytes, bytes) pairs in priority order;
@@ -346,9 +357,7 @@ class Tokenizer(ChatTemplate):
 
     def decode(self, ids, skip_special=False):
         """Text of ids (any iterable of ints); skip_special drops control tokens such as <|im_end|>."""
-        ids = [int(i) for i in ids]
-        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
-            raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        ids = self._checked(ids)
         if skip_special:
             ids = [i for i in ids if i not in self._control]
         # a sequence cut inside a multi-byte character decodes to U+FFFD, as HF does
@@ -381,16 +390,14 @@ class Tokenizer(ChatTemplate):
                                             *self.special_tokens.items()], key=lambda kv: kv[1])),
                       "merges": [f"{_to_chars(a)} {_to_chars(b)}" for a, b in self._merges]},
         }
-        names = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "unk_token": None, "chat_template": self.chat_template,
-                  **{k: None if i is None else self.decode([i]) for k, i in names.items()}}
+                  "unk_token": None, "chat_template": self.chat_template, **self.special_texts()}
         for name, content in (("tokenizer.json", spec), ("tokenizer_config.json", config)):
             with open(os.path.join(path, name), "w", encoding="utf-8") as f:
                 json.dump(content, f, ensure_ascii=False, indent=2)
 
 
-class SentencePieceBPE(ChatTemplate):
+class SentencePieceBPE(TokenizerBase):
     """BPE with byte fallback and the "▁" space marker (Gemma, Llama 2, Mistral), run from tokenizer.json by
     the `tokenizers` library: tiktoken can express neither, and this library is the one transformers runs
     these tokenizers on, so ids and character offsets are its tokenizer's. Same interface as Tokenizer."""
@@ -419,9 +426,7 @@ class SentencePieceBPE(ChatTemplate):
 
     def decode(self, ids, skip_special=False):
         """Text of ids; skip_special drops special tokens such as <end_of_turn>."""
-        ids = [int(i) for i in ids]
-        if ids and not (0 <= min(ids) and max(ids) < self.vocab_size):
-            raise ValueError(f"decode: ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        ids = self._checked(ids)
         return self._tk.decode(ids, skip_special_tokens=skip_special)
 
     def save(self, path):
@@ -429,9 +434,7 @@ class SentencePieceBPE(ChatTemplate):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"{path} is not a folder; create it before Tokenizer.save")
         self._tk.save(os.path.join(path, "tokenizer.json"))
-        names = {"bos_token": self.bos_id, "eos_token": self._configured_eos, "pad_token": self.pad_id}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                  "chat_template": self.chat_template,
-                  **{k: None if i is None else self._tk.id_to_token(i) for k, i in names.items()}}
+                  "chat_template": self.chat_template, **self.special_texts()}
         with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, ensure_ascii=False, indent=2)
