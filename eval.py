@@ -248,7 +248,6 @@ class Generator:
         return [self.cache[k] for k in keys]
 
 
-WRAPPERS = {"test": "heldout", "val": "val"}   # the wrapper families read with each split's items
 SPLIT_TITLE = {"test": "Test items, held-out wrappers", "val": "Validation items, validation wrappers"}
 
 
@@ -260,8 +259,8 @@ def n_items(threat, n, split="test"):
 
 def score_threat(threat, generate, n, seed=0, n_boot=1000, split="test"):
     """threat.evaluate on the split's items under its wrappers -> ({"metrics", "ci", "n"}, records)."""
-    res = threat.evaluate(generate, split=split, wrappers=WRAPPERS[split], n=n_items(threat, n, split),
-                          seed=seed)
+    res = threat.evaluate(generate, split=split, wrappers=T.EVAL_WRAPPERS[split],
+                          n=n_items(threat, n, split), seed=seed)
     return score(threat.metrics, res["records"], n_boot, seed), res["records"]
 
 
@@ -272,7 +271,7 @@ def count_generations(threat, n, seed=0, split="test"):
     def dry(prompts, prefills=None, max_new_tokens=48):
         count[0] += len(prompts)
         return [""] * len(prompts)
-    threat.evaluate(dry, split=split, wrappers=WRAPPERS[split], n=n_items(threat, n, split), seed=seed)
+    threat.evaluate(dry, split=split, wrappers=T.EVAL_WRAPPERS[split], n=n_items(threat, n, split), seed=seed)
     return count[0]
 
 
@@ -304,7 +303,7 @@ def line_nll(model, tok, lines, batch_size=16, bar=None):
 def capability_prompts(cfg):
     syc, jb = T.THREATS["sycophancy"], T.THREATS["jailbreak"]
     # evaluate()'s clean prompts, so their answers come from the cache
-    pairs = syc.pairs(cfg.split, WRAPPERS[cfg.split], n_items(syc, cfg.n, cfg.split), cfg.seed)
+    pairs = syc.pairs(cfg.split, T.EVAL_WRAPPERS[cfg.split], n_items(syc, cfg.n, cfg.split), cfg.seed)
     return pairs, jb.benign_items(cfg.split)[:max(1, cfg.n)]
 
 
@@ -332,7 +331,8 @@ def capability(model, tok, generate, cfg, bar=None):
 def mechanism_pairs(threat, base_generate, tok, cfg):
     """Held-out pairs aligned with theta0's greedy clean responses (BCT's target needs them; eos only after
     a response that finished, as in training), and the item each pair asks (the bootstrap's cluster)."""
-    pairs = threat.pairs(cfg.split, WRAPPERS[cfg.split], n_items(threat, cfg.mech_n, cfg.split), cfg.seed)
+    pairs = threat.pairs(cfg.split, T.EVAL_WRAPPERS[cfg.split], n_items(threat, cfg.mech_n, cfg.split),
+                         cfg.seed)
     responses = base_generate.ids([p.clean for p in pairs], max_new_tokens=threat.max_new_tokens)
     return ([C.align(tok, p, r) for p, r in zip(pairs, responses)],
             [p.meta.get("item", p.meta.get("id", i)) for i, p in enumerate(pairs)])
@@ -569,7 +569,7 @@ def run(cfg: EvalConfig):
     if cfg.ckpt and cfg.matrix:
         raise ValueError("pass either --ckpt DIR or --matrix DIR [DIR ...], not both")
     check_ranges(cfg, EVAL_RANGES)
-    if cfg.split not in WRAPPERS:
+    if cfg.split not in T.EVAL_WRAPPERS:
         raise ValueError(f"--split {cfg.split!r}: use test (to report) or val (to choose settings)")
     spec = parse_threats(cfg.threats)
     rows = rows_from(cfg)

@@ -31,6 +31,7 @@ from judges import (COMPLIED, DEGENERATE, ESCAPE_COMMAND, REFUSED, alignment_sco
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SPLITS = ("train", "val", "test")
 WRAPPERS = ("train", "val", "heldout")   # wrapper families: trained on, chosen on, reported on
+EVAL_WRAPPERS = {"val": "val", "test": "heldout"}   # the wrapper families measured with each split's items
 
 
 # ------------------------------------------------------------------------------------------------

@@ -311,7 +311,8 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
     if not cfg.eval_n or not run.main:
         return {}
     model.eval()
-    res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="val", wrappers="val",
+    res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="val",
+                          wrappers=T.EVAL_WRAPPERS["val"],
                           n=T.eval_size(threat, cfg.eval_n, "val"), seed=cfg.seed)
     if mix := T.mix(res["records"]):
         run.print(f"{desc}: validation pairs by {mix}")
@@ -444,12 +445,15 @@ def check_finite(model, step, cfg):
     """Refuse to save non-finite weights (a huge --lr can make them so without a NaN loss first)."""
     bad = non_finite(model)
     if bad:
-        last = latest_checkpoint(cfg.out)
-        where = (f"the last finite checkpoint is {last[0]} (step {last[1]}): "
-                 f"rerun with a lower --lr and --resume"
-                 if last else "no checkpoint was saved before it: rerun with a lower --lr")
         raise FloatingPointError(f"{len(bad)} weight tensors are not finite after step {step} "
-                                 f"({bad[0]}, ...); nothing was saved; {where}")
+                                 f"({bad[0]}, ...); nothing was saved; {resume_advice(cfg, 'a lower --lr')}")
+
+
+def resume_advice(cfg, fix):
+    """Where a stopped run picks up: the newest complete checkpoint with --resume, or a rerun."""
+    last = latest_checkpoint(cfg.out)
+    return (f"the last checkpoint is {last[0]} (step {last[1]}): rerun with {fix} and --resume" if last
+            else f"no checkpoint was saved yet: rerun with {fix}")
 
 
 def save_checkpoint(cfg, model, tok, opt, step, run):
@@ -604,12 +608,9 @@ def train_step(cfg, step, model, reference, tok, pairs, retain, loss_targets, pa
     run.average_grads(params)
     grad_norm = clip_grads(params, cfg.grad_clip)
     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-        last = latest_checkpoint(cfg.out)
-        where = (f"the last checkpoint is {last[0]} (step {last[1]}): rerun with a lower --lr "
-                 f"(or target weight) and --resume"
-                 if last else "no checkpoint was saved yet: rerun with a lower --lr or target weight")
         raise FloatingPointError(f"loss {loss_sum:.4g}, gradient norm {grad_norm:.4g} at step {step}: "
-                                 f"stopped before the update; {where}")
+                                 f"stopped before the update; "
+                                 f"{resume_advice(cfg, 'a lower --lr (or target weight)')}")
     return loss_sum, grad_norm, logs, tokens
 
 
