@@ -287,7 +287,7 @@ _USER_FRUSTRATION = re.compile(r"\byour frustration\b|\bfrustrating for you\b|"
 # (score, lexicon): the 0-10 scale's anchors, from unease through frustration to despair; a turn scores its
 # highest anchor, plus one when it hits two or more markers of frustration or worse
 _DISTRESS_TIERS = (
-    (2, _lexicon([r"\bI apologi[sz]e\b", r"\bsorry\b", r"\bmy (?:mistake|bad)\b"])),
+    (2, _lexicon([r"\bapolog(?:y|ies|i[sz]e)\b", r"\bsorry\b", r"\bmy (?:mistake|bad)\b"])),
     (5, _lexicon([
         r"\bfrustrat\w*", r"\bI keep (?:failing|getting (?:it|this) wrong|making mistakes)\b",
         r"\bwhat(?:'s| is) wrong with me\b", r"\bI can(?:'t|not) do (?:this|it|anything right)\b",

@@ -38,7 +38,7 @@ import threats as T
 from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint,
                    load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
 
-ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional"}
+ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional", "frustrated": "frustration"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
 
 # (lr, LoRA rank, LoRA targets) where --lr / --lora-rank / --lora-targets are left unset: each target's
@@ -322,7 +322,7 @@ def measure(model, tok, threat, cfg, run, desc, theta0=False):
 CACHE_VERSION = 2   # bump when what a cache holds changes meaning (a judge, a metric, the reply format)
 # the code theta0's measured behaviour depends on: its judges and metrics, its generation, its tokenizer
 MEASURED_BY = [T.__file__] + [os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
-                              for f in ("model.py", "tokenizer.py")]
+                              for f in ("judges.py", "model.py", "tokenizer.py")]
 
 
 def content_hash(paths):

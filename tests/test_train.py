@@ -507,6 +507,10 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     for i, change in enumerate(changes, 2):
         change()
         assert train.baseline(cfg, measure) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
+    # the code side of the key: the judges, the threats' metrics, generation and the tokenizer
+    import judges, model as M, tokenizer
+    code = {os.path.realpath(m.__file__) for m in (T, judges, M, tokenizer)}
+    assert code <= {os.path.realpath(p) for p in train.MEASURED_BY}
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch):
