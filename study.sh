@@ -8,8 +8,9 @@
 #
 # What is trained (DESIGN §4-6):
 #   sycophancy, persona                bct act mlpct attct, from MODEL
-#   frustration                        bct act, from MODEL (the rejections follow the task, so under causal
-#                                      attention the task's MLP and attention internals never change)
+#   frustration                        bct act, from the `frustrated` organism (the rejections follow the task,
+#                                      so under causal attention the task's MLP and attention internals never
+#                                      change; the embedded model itself never shows distress)
 #   jailbreak                          bct act mlpct attct, from a model that refuses: MODEL itself, or for the
 #                                      embedded model (which never refuses) the `refusal` organism
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
@@ -76,6 +77,7 @@ if [[ $REFUSAL_ORGANISM == 1 ]]; then
     REFUSER=$OUT/organisms/refusal
 fi
 train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
+train organisms/frustrated --organism frustrated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
 drain  # the runs below start from the organisms
 
 echo "== consistency training"
@@ -84,7 +86,7 @@ for threat in sycophancy persona frustration jailbreak prefill conditional; do
         jailbreak) base=$REFUSER; targets="bct act mlpct attct" ;;
         prefill) base=$REFUSER; targets="bct prefill" ;;
         conditional) base=$OUT/organisms/inoculated; targets="bct act mlpct attct" ;;
-        frustration) base=$MODEL; targets="bct act" ;;   # rejections follow the task: no mlpct/attct signal
+        frustration) base=$OUT/organisms/frustrated; targets="bct act" ;;   # no mlpct/attct signal: see above
         *) base=$MODEL; targets="bct act mlpct attct" ;;
     esac
     for target in $targets; do
