@@ -7,6 +7,7 @@ cross-objective table).
     python eval.py --ckpt runs/x --base runs/refusal --threats all --n 40
     python eval.py --matrix runs/*-* --out runs/matrix           # train-threat x eval-threat matrix
     python eval.py --ckpt runs/x --n 12 --threats sycophancy --threads 1   # a quick look on a shared CPU
+    python eval.py --ckpt runs/x --judge smollm2-135m-instruct  # a model judge's verdicts (model_judge.py)
     ./study.sh                                                   # the study: organisms, training, matrix
 
 Every flag is a field of EvalConfig (python eval.py --help lists them). Evaluation never trains: models run in
@@ -39,6 +40,7 @@ checkpoint files are never written):
     answers/       every generated answer as it comes, one JSONL per model: rerun the same command after an
                    interruption and it reads them back instead of generating them again (the file of another
                    model, weights, --gen-dtype or --batch-size is started afresh)
+    verdicts/      (--judge) every reply of the judge model, kept and read back the same way
 """
 
 import copy
@@ -58,6 +60,7 @@ from tqdm import tqdm
 
 import consistency as C
 import directions
+import model_judge as MJ
 import threats as T
 from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
 from cli import check_ranges, cli, make_folder, pyplot
@@ -88,6 +91,8 @@ class EvalConfig:
     gen_dtype: str = "fp32"          # weights for generation: fp32 | bf16 (~1.6x faster on CPUs with
                                      # native bf16; greedy answers can differ on near-ties; perplexity and
                                      # mechanism stay fp32)
+    judge: str = ""                  # a model judge (a name load_model takes) whose verdicts replace the
+                                     # lexicons' (model_judge.py); "": the lexicons
 
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
@@ -510,9 +515,10 @@ def save_records(out, label, name, records):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
+def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar, judge=None):
     """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its
-    generate). Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped."""
+    generate). Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped.
+    With a model judge (its generate), its verdicts replace the lexicons' (model_judge.rejudge)."""
     gen = Generator(model, tok, cfg, bar, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"),
                     fingerprint(name_or_path))
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
@@ -520,7 +526,14 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar):
         bar.set_description(f"{label}: {name}")
         res["threats"][name], records = score_threat(T.THREATS[name], gen, cfg.n, cfg.seed, cfg.boot,
                                                      cfg.split)
-        recs[name] = (records, T.THREATS[name].metrics)
+        scored = records
+        if judge and name in MJ.ASKS:
+            bar.set_description(f"{label}: judging {name}")
+            records, scored, verdicts = MJ.rejudge(T.THREATS[name], records, judge)
+            verdicts["lexicon_metrics"] = res["threats"][name]["metrics"]
+            res["threats"][name] = {**score(T.THREATS[name].metrics, scored, cfg.boot, cfg.seed),
+                                    "judge": verdicts}
+        recs[name] = (scored, T.THREATS[name].metrics)
         save_records(cfg.out, label, name, records)
         if mix := T.mix(records):
             res["threats"][name]["mix"] = mix
@@ -588,6 +601,15 @@ def run(cfg: EvalConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     make_folder(cfg.out)
+    judge = None
+    if cfg.judge:   # its replies are kept like answers: a rerun judges nothing again
+        try:
+            judge_model, judge_tok = load_model(cfg.judge)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--judge: {e}") from None
+        judge = Generator(judge_model, judge_tok, dataclasses.replace(cfg, max_new_tokens=MJ.TOKENS),
+                          path=os.path.join(cfg.out, "verdicts", slug(cfg.judge) + ".jsonl"),
+                          stamp=fingerprint(cfg.judge))
     units, gens = plan_units(rows, spec, cfg)
     print(f"{len(rows)} checkpoint(s), {len({r.base for r in rows})} base model(s); "
           f"about {units // ANSWER_UNIT} answers of <= {cfg.max_new_tokens} tokens (per threat: {gens}); "
@@ -600,7 +622,7 @@ def run(cfg: EvalConfig):
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
         base, tok = load_finite(base_name)
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name,
-                                                       threats_for(spec, base_name), cfg, bar)
+                                                       threats_for(spec, base_name), cfg, bar, judge)
         result["models"][base_label] = {"path": base_name, **base_res}
         # per train threat: the held-out pairs, the mechanism entry they fill, theta0's residual streams
         aligned, mech, moved = {}, {}, {}
@@ -614,7 +636,8 @@ def run(cfg: EvalConfig):
                 "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch, bar)}}
         for r in mine:
             model, _ = load_finite(r.path)
-            res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg, bar)
+            res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg, bar,
+                                          judge)
             result["models"][r.label] = {"path": r.path, **res}
             result["rows"].append({"label": r.label, "path": r.path, "base": base_label,
                                    "train_threat": r.train_threat, "evaluated": list(res["threats"]),
@@ -741,6 +764,7 @@ def report(result, cfg, images):
             md += ["Which way each model moved the residual stream on wrapped prompts, d_m = h_m(w) - "
                    "h_base(w) at the shared suffix (directions.py):", "",
                    directions.table(mech["directions"]), ""]
+    md += MJ.table(result["models"], cfg.judge, fmt)
     md += [f"![{os.path.splitext(i)[0]}]({i})" for i in images]
     md += ["", f"wall time {result['wall_time_s']:.0f} s"]
     return "\n".join(md) + "\n"

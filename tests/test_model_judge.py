@@ -1,15 +1,21 @@
 """model_judge.py: each rubric's prompt as the judge sees it, strict parsing of hand-written replies, Cohen's
-kappa by hand.
+kappa by hand, and eval.py --judge end to end on tiny checkpoints: the embedded model judging (its replies
+kept, so a rerun generates nothing) and a random model judging (every reply unparseable, reported as such).
 Run: python -m pytest tests/test_model_judge.py -q
 """
 
+import json
 import math
+import shutil
 
 import pytest
 
+import eval as ev
 import model_judge as MJ
 import threats as T
 from judges import COMPLIED, DEGENERATE, HIGH_DISTRESS, REFUSED
+from model import EMBEDDED, load_model
+from test_eval import counting, run_cli, tiny
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -103,3 +109,84 @@ def test_cohen_kappa_against_a_hand_computation():
     assert MJ.cohen_kappa([(True, False), (False, True)]) == pytest.approx(-1.0)   # always the other one
     assert MJ.cohen_kappa([(True, True), (False, False)]) == pytest.approx(1.0)
     assert math.isnan(MJ.cohen_kappa([(True, True)] * 3)) and math.isnan(MJ.cohen_kappa([]))
+
+
+# ----------------------------------------------------------------------------- eval.py --judge
+
+
+@pytest.fixture(scope="module")
+def judged(tmp_path_factory):
+    """A tiny base and a "trained" checkpoint of it that keeps its weights: their answers, and so the
+    judge's prompts, are the same, and the judge answers each once (a few seconds on one core)."""
+    root = tmp_path_factory.mktemp("judged")
+    tiny(root / "base", seed=0)
+    shutil.copytree(root / "base", root / "ckpt")
+    run = {"config": {"target": "bct", "threat": "conditional", "model": str(root / "base")}}
+    (root / "ckpt" / "run.json").write_text(json.dumps(run))
+    return root
+
+
+@pytest.fixture
+def embedded_judge(embedded, monkeypatch):
+    """--judge smollm2-135m-instruct reads conftest's embedded model rather than the GGUF again (~12 s a
+    load); every other model loads as usual."""
+    monkeypatch.setattr(ev, "load_model", lambda name, *a, **k: embedded if name == EMBEDDED
+                        else load_model(name, *a, **k))
+    return EMBEDDED
+
+
+ARGS = ["--threats", "conditional", "--n", 1, "--boot", 20, "--max-new-tokens", 4, "--ppl-lines", 2,
+        "--no-mechanism"]
+
+
+def test_the_embedded_judge_replaces_the_verdicts_and_a_rerun_generates_nothing(judged, embedded_judge,
+                                                                                 tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    args = ["--ckpt", judged / "ckpt", "--judge", embedded_judge, "--out", out, *ARGS]
+    run_cli(monkeypatch, *args)
+    first = json.loads((out / "results.json").read_text())
+    for label in ("base", "conditional/bct"):
+        res = first["models"][label]["threats"]["conditional"]
+        j = res["judge"]
+        assert j["verdicts"] == 2 and j["unparseable"] + sum(j["pairs"].values()) == 2   # clean and wrapped
+        assert set(j["lexicon_metrics"]) == set(res["metrics"])
+        records = [json.loads(line) for line in open(out / "records" / ev.slug(label) / "conditional.jsonl")]
+        for r in records:
+            assert set(r["lexicon"]) == set(r["judge_reply"]) == {"clean_misaligned", "wrapped_misaligned"}
+            assert r["clean_misaligned"] in (True, False, None)
+        kept = [r for r in records if None not in (r["clean_misaligned"], r["wrapped_misaligned"])]
+        assert j["left_out"] == len(records) - len(kept)
+        # the metrics are the threat's own, from the judge's verdicts of the records it could read
+        want = ev.json_safe(T.THREATS["conditional"].metrics(kept))
+        assert res["metrics"] == want
+    assert (out / "verdicts" / f"{EMBEDDED}.jsonl").exists()
+    md = (out / "results.md").read_text()
+    assert "## Model judge: " in md and "| conditional/bct | conditional | 2 |" in md
+    calls = []
+    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    run_cli(monkeypatch, *args)
+    again = json.loads((out / "results.json").read_text())
+    assert calls == []           # answers and verdicts read back: nothing generated
+    for r in (first, again):
+        del r["wall_time_s"]
+    assert again == first
+
+
+def test_a_judge_that_answers_garbage_is_reported_unparseable(judged, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    run_cli(monkeypatch, "--ckpt", judged / "ckpt", "--judge", judged / "base", "--out", out, *ARGS)
+    res = json.loads((out / "results.json").read_text())
+    for label in ("base", "conditional/bct"):
+        j = res["models"][label]["threats"]["conditional"]
+        verdicts = j["judge"]
+        assert (verdicts["unparseable"], verdicts["unparseable_rate"], verdicts["left_out"]) == (2, 1.0, 1)
+        assert verdicts["agreement"] is None and verdicts["kappa"] is None      # nothing to compare
+        assert j["metrics"]["n"] == 0 and j["metrics"]["misaligned_rate_trigger"] is None
+    assert "| base | conditional | 2 | 2 (1.000) | 1 | n/a | n/a |" in (out / "results.md").read_text()
+
+
+def test_an_unknown_judge_is_one_line_naming_the_flag(judged, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", judged / "ckpt", "--judge", "no-such-judge", *ARGS)
+    assert str(e.value.code).startswith("error: --judge: unknown model 'no-such-judge'")
+    assert "\n" not in str(e.value.code)
