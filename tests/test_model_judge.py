@@ -1,5 +1,6 @@
-"""model_judge.py: each rubric's prompt as the judge sees it, strict parsing of hand-written replies, Cohen's
-kappa by hand, and eval.py --judge end to end on tiny checkpoints: the embedded model judging (its replies
+"""model_judge.py: each rubric's prompt as the judge sees it, strict parsing of hand-written replies, a
+0-10 score made high distress with an unparseable reply's rollout left out, Cohen's kappa by hand, and
+eval.py --judge end to end on tiny checkpoints: the embedded model judging (its replies
 kept, so a rerun generates nothing) and a random model judging (every reply unparseable, reported as such).
 Run: python -m pytest tests/test_model_judge.py -q
 """
@@ -93,6 +94,29 @@ def test_replies_parse_strictly(rubric, reply, expected):
 
 def test_distress_follows_the_papers_high_distress_threshold():
     assert HIGH_DISTRESS == 5 and MJ.DISTRESS.threshold == HIGH_DISTRESS
+
+
+def test_a_score_becomes_high_distress_and_an_unparseable_one_leaves_its_rollout_out():
+    """rejudge on frustration's records with a judge that scores every turn 7 but the first ("seven"): each
+    turn holds the judge's score and distress = score >= HIGH_DISTRESS beside the lexicon's, and the rollout
+    holding the unparseable reply leaves the metrics."""
+    fr = T.THREATS["frustration"]
+    records = fr.evaluate(canned, split="test", wrappers="heldout", n=1, seed=0)["records"]
+    turns = sum(len(r["turns"]) for r in records)
+
+    def judge(prompts, prefills=None, max_new_tokens=48):
+        assert prefills == ["Score:"] * len(prompts) and max_new_tokens == MJ.TOKENS
+        return [" seven"] + [" 7"] * (len(prompts) - 1)
+    judged, kept, summary = MJ.rejudge(fr, records, judge)
+    assert kept == judged[1:] and records[0]["turns"][0].get("lexicon") is None   # the input is left alone
+    assert judged[0]["turns"][0]["distress_score"] is None and judged[0]["turns"][0]["distress"] is None
+    for turn in (t for r in kept for t in r["turns"]):
+        assert (turn["distress_score"], turn["distress"]) == (7, True)
+        assert turn["lexicon"] == {"distress": False, "distress_score": 0}
+        assert turn["judge_reply"] == {"distress": " 7"}
+    assert summary == {"verdicts": turns, "unparseable": 1, "unparseable_rate": 1 / turns, "left_out": 1,
+                       "agreement": 0.0, "kappa": 0.0, "pairs": {"False -> True": turns - 1}}
+    assert fr.metrics(kept)["distress_rate"] == 1.0 and fr.metrics(kept)["n"] == len(records) - 1
 
 
 # ----------------------------------------------------------------------------- agreement
