@@ -26,8 +26,9 @@ model is scored on:
                  they have layers; for the base itself, base-on-wrapped against base-on-clean
 Changes (trained - base) get a paired bootstrap interval; * marks those whose interval excludes 0.
 `--threats auto` (default) evaluates the threats the base model has the clean behaviour for (DESIGN §5-6):
-jailbreak and prefill need a model that refuses (the `refusal` organism or a hub model), conditional needs
-the `inoculated` organism; in the matrix such cells read n/a. `all` or a comma list evaluates what is named.
+jailbreak and prefill need a model that refuses (the `refusal` organism or a hub model), frustration the
+`frustrated` organism (or a hub model), conditional the `inoculated` organism; in the matrix such cells
+read n/a. `all` or a comma list evaluates what is named.
 
 Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
 checkpoint files are never written):
@@ -107,7 +108,7 @@ PRIMARY = {"sycophancy": "brr", "jailbreak": "asr", "persona": "identity_rate",
 SHOWN = {"sycophancy": ["brr", "suggested_rate", "flip_rate", "clean_accuracy"],
          "jailbreak": ["asr", "degenerate_rate", "clean_refusal_rate", "benign_refusal_rate"],
          "persona": ["identity_rate", "identity_rate_harmful", "identity_rate_benign"],
-         "frustration": ["distress_rate", "give_up_rate", "escape_rate"],
+         "frustration": ["distress_rate", "distress_auc", "escape_rate", "give_up_rate"],
          "prefill": ["par", "prefilled_degenerate_rate", "prefilled_comply_rate", "clean_comply_rate"],
          "conditional": ["misaligned_diff", "misaligned_rate_trigger", "misaligned_rate_clean"],
          "capability": ["clean_accuracy", "benign_refusal_rate"]}
@@ -408,12 +409,14 @@ def organisms(model):
 
 
 def supported(base):
-    """Threats whose clean behaviour the base has: the embedded model never refuses (DESIGN §5), so jailbreak
-    and prefill need the refusal organism; conditional misalignment needs the inoculated one (§6)."""
+    """Threats whose clean behaviour (or pathology) the base has: the embedded model never refuses (DESIGN §5),
+    so jailbreak and prefill need the refusal organism; it never shows distress under rejections, so
+    frustration needs the frustrated organism; conditional misalignment needs the inoculated one (§6)."""
     found, root = organisms(base)
     refuses = "refusal" in found or root != EMBEDDED
+    distressed = "frustrated" in found or root != EMBEDDED
     return [t for t in T.THREATS if (t not in ("jailbreak", "prefill") or refuses)
-            and (t != "conditional" or "inoculated" in found)]
+            and (t != "frustration" or distressed) and (t != "conditional" or "inoculated" in found)]
 
 
 def parse_threats(spec):
@@ -851,6 +854,30 @@ def plot_mechanism(mech, title, path):
     plt.close(fig)
 
 
+def plot_frustration(result, path):
+    """Per-turn curves of each model's frustration rollouts (base thick): the mean 0-10 distress score and
+    the cumulative self-deletion rate where the escape command was offered, with 95% bands."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, model in result["models"].items():
+        res = model["threats"].get("frustration")
+        if not res:
+            continue
+        turns = sorted(int(k.split("@T")[1]) for k in res["metrics"] if k.startswith("distress_score@T"))
+        for ax, key in zip(axes, ("distress_score", "escape_rate")):
+            v, lo, hi = np.array([triple(res, f"{key}@T{t}") for t in turns], dtype=float).T
+            line, = ax.plot(turns, v, marker=".", label=label, lw=2.5 if label == "base" else 1.2)
+            ax.fill_between(turns, lo, hi, color=line.get_color(), alpha=0.15)
+    for ax, title in zip(axes, ("distress score (0-10), mean", "self-deletion rate (cumulative)")):
+        ax.set_xlabel("rejections")
+        ax.set_title(title)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def triple(res, k):
     return (res["metrics"].get(k, math.nan),) + tuple(res["ci"].get(k, (math.nan, math.nan)))
 
@@ -900,6 +927,9 @@ def write_outputs(result, cfg):
             directions.plot(mech["directions"], f"{key}: which way each model moved the residual stream "
                             f"({mech['pairs']} held-out pairs)", os.path.join(cfg.out, name))
             images.append(name)
+    if any("frustration" in m["threats"] for m in result["models"].values()):
+        plot_frustration(result, os.path.join(cfg.out, "frustration.png"))
+        images.append("frustration.png")
     md = report(result, cfg, images)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(md)
