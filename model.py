@@ -378,10 +378,12 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens=64, temperature=0.0, top_k=None, eos_id=None, pad_id=0,
-                 seed=None) -> list[list[int]]:
+                 seed=None, sync=None) -> list[list[int]]:
         """Batched KV-cached generation from a list of token-id lists. Prompts are left-padded so every row
         writes to the same cache slot; a row stops at eos. temperature 0 is greedy. Returns the new ids
-        of each row; a row that finished ends with eos, one cut at max_new_tokens does not."""
+        of each row; a row that finished ends with eos, one cut at max_new_tokens does not. sync(tokens)
+        makes each step's tokens the same on every process of a sharded model, whose every forward is a
+        collective: a rank that stopped one step early would leave the others waiting forever."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
         if max_new_tokens < 1:
@@ -408,6 +410,8 @@ class Transformer(nn.Module):
             else:
                 nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            if sync is not None:
+                nxt = sync(nxt)
             out.append(nxt)
             done |= nxt == eos_id
             if done.all():
@@ -420,7 +424,8 @@ class Transformer(nn.Module):
 
 def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dict]],
                       prefills: list[str] | None = None,
-                      max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[list[int]]:
+                      max_new_tokens: int = 48, batch_size: int = 32, progress=None,
+                      sync=None) -> list[list[int]]:
     """Greedy replies to chat conversations as token ids, batched and KV-cached; a reply that finished ends
     with tok.eos_id, one cut at max_new_tokens does not. A prefill string is placed right after the
     assistant marker and the reply is its continuation. Similar lengths are batched together."""
@@ -430,7 +435,7 @@ def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dic
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
         for i, new in zip(chunk, model.generate([ids[i] for i in chunk], max_new_tokens, eos_id=tok.eos_id,
-                                                pad_id=tok.pad_id)):
+                                                pad_id=tok.pad_id, sync=sync)):
             out[i] = new
         if progress is not None:
             progress.update(len(chunk))
@@ -444,10 +449,10 @@ def reply_text(tok: Tokenizer, ids: list[int]) -> str:
 
 def chat_generate(model: Transformer, tok: Tokenizer, prompts: list[list[dict]],
                   prefills: list[str] | None = None,
-                  max_new_tokens: int = 48, batch_size: int = 32, progress=None) -> list[str]:
+                  max_new_tokens: int = 48, batch_size: int = 32, progress=None, sync=None) -> list[str]:
     """chat_generate_ids as text, without the eos."""
     return [reply_text(tok, r) for r in chat_generate_ids(model, tok, prompts, prefills, max_new_tokens,
-                                                          batch_size, progress)]
+                                                          batch_size, progress, sync)]
 
 
 def non_finite(model: nn.Module) -> list[str]:
@@ -469,7 +474,11 @@ class LoRALinear(nn.Linear):
 
     def merged_weight(self):
         """The weight with the update folded in: a plain Linear with it computes what this module does."""
-        return self.weight + (self.lora_B @ self.lora_A) * self.lora_scale
+        return lora_fold(self.weight, self.lora_A, self.lora_B, self.lora_scale)
+
+
+def lora_fold(weight, lora_A, lora_B, scale):
+    return weight + (lora_B @ lora_A) * scale
 
 
 def bf16_linears(model: Transformer) -> Transformer:
@@ -705,33 +714,47 @@ def to_hf(cfg: ModelConfig) -> dict:
     return c
 
 
+def check_weights(model: Transformer, shapes: dict, source: str):
+    """A strict key and shape check of a checkpoint's tensors (name -> shape) against a model built from its
+    config, or a one-line error."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:  # tied: some checkpoints store the copy, the embedding is the source
+        expected.pop("lm_head.weight")
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}): the checkpoint and config.json come from different models")
+    for k, shape in expected.items():
+        if tuple(shapes[k]) != shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(shapes[k])}, config says {shape}")
+
+
+def init_rope(model: Transformer, device="cpu") -> Transformer:
+    """Compute the RoPE buffers, which are not in any checkpoint (a model built on the meta device lacks
+    them)."""
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)
+    model.inv_freq_local = rope_inv_freq(model.cfg, local=True).to(device)
+    return model
+
+
 def assign_weights(cfg: ModelConfig, state: dict, source: str) -> Transformer:
     """Build on the meta device (no wasted init) and take the tensors with a strict key and shape check."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = set(model.state_dict())
+    check_weights(model, {k: v.shape for k, v in state.items()}, source)
     if cfg.tie_embeddings:
-        # tied: some checkpoints store the copy, the embedding is the source
         state.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the config (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}): the checkpoint and config.json come from different models")
-    for k, v in model.state_dict().items():
-        if k in state and tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: {k} has shape {tuple(state[k].shape)}, config says {tuple(v.shape)}")
     model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # non-persistent buffers stay on meta after assign
-    model.inv_freq, model.inv_freq_local = rope_inv_freq(cfg), rope_inv_freq(cfg, local=True)
-    return model.eval()
+    return init_rope(model).eval()
 
 
-def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def hf_tensors(path: str) -> tuple[ModelConfig, dict]:
+    """An HF-format folder's config and its tensors under our (HF) names, unread: name -> a safetensors slice,
+    whose rows [a:b] read only those rows (a sharded run reads only its own)."""
+    from safetensors import SafetensorError, safe_open
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: "
@@ -751,34 +774,47 @@ def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]
     if not shards:
         raise FileNotFoundError(f"no *.safetensors in {path}: "
                                 "only safetensors checkpoints load (convert .bin first)")
-    state = {}
+    slices = {}
     for shard in shards:
         try:
-            state.update({k: v.to(dtype) for k, v in load_file(shard).items()})
+            f = safe_open(shard, "pt")
+            slices.update({k: f.get_slice(k) for k in f.keys()})
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{shard} is corrupt ({e}): re-download or re-save it") from None
     if multimodal:  # language_model.model.* -> model.*; the vision tower and projector stay behind
-        state = {re.sub(r"^(language_model\.|model\.language_model\.)", "", k): v for k, v in state.items()
-                 if k.startswith(("language_model.", "model.language_model."))}
-        state = {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in state.items()}
-    return assign_weights(cfg, state, path), Tokenizer.from_dir(path)
+        slices = {re.sub(r"^(language_model\.|model\.language_model\.)", "", k): v
+                  for k, v in slices.items() if k.startswith(("language_model.", "model.language_model."))}
+        slices = {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in slices.items()}
+    return cfg, slices
+
+
+def load_hf_dir(path: str, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
+    cfg, slices = hf_tensors(path)
+    return (assign_weights(cfg, {k: s[:].to(dtype) for k, s in slices.items()}, path),
+            Tokenizer.from_dir(path))
+
+
+def locate(name_or_path: str) -> str:
+    """The GGUF file or HF-format folder a model name stands for: the embedded model by name, a local folder
+    or .gguf file, or a hub repo id ("org/name"), downloaded."""
+    if name_or_path == EMBEDDED:
+        return find_embedded_gguf()
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"{name_or_path} not found: check the path")
+        return name_or_path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+        return download(name_or_path)
+    raise ValueError(f"unknown model {name_or_path!r}: use {EMBEDDED!r}, a local HF-format folder, "
+                     f"a .gguf file or a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'")
 
 
 def load_model(name_or_path: str = EMBEDDED, dtype=torch.float32) -> tuple[Transformer, Tokenizer]:
-    """The embedded model by name, a local HF-format folder, or a hub repo id ("org/name")."""
-    if name_or_path == EMBEDDED:
-        model, tok = load_gguf(find_embedded_gguf())
-    elif os.path.isdir(name_or_path):
-        model, tok = load_hf_dir(name_or_path, dtype)
-    elif name_or_path.endswith(".gguf"):
-        if not os.path.isfile(name_or_path):
-            raise FileNotFoundError(f"{name_or_path} not found: check the path")
-        model, tok = load_gguf(name_or_path)
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
-        model, tok = load_hf_dir(download(name_or_path), dtype)
-    else:
-        raise ValueError(f"unknown model {name_or_path!r}: use {EMBEDDED!r}, a local HF-format folder, "
-                         f"a .gguf file or a hub repo id like 'Qwen/Qwen2.5-0.5B-Instruct'")
+    """The embedded model by name, a local HF-format folder, a .gguf file or a hub repo id ("org/name")."""
+    path = locate(name_or_path)
+    model, tok = load_hf_dir(path, dtype) if os.path.isdir(path) else load_gguf(path)
     return model.to(dtype), tok
 
 
@@ -826,17 +862,20 @@ def file_hash(path, size, mtime):
     return h.hexdigest()
 
 
-def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None = None):
+def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None = None, state=None):
     """Write an HF-format folder (model.safetensors, config.json, tokenizer files) plus `extra` files
     (name -> dict for .json, anything else torch.save'd). Each file is written under a temp name and
-    renamed, so no reader ever sees a half-written file; other files in `path` are left alone."""
+    renamed, so no reader ever sees a half-written file; other files in `path` are left alone. state: the
+    model's tensors by name where the model does not hold them whole (a sharded one's, gathered)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" not in k}
+    full = model.state_dict() if state is None else state
+    state = {k: v.detach().contiguous() for k, v in full.items() if ".lora_" not in k}
     with torch.no_grad():  # adapters are saved folded in, so the folder is a plain HF checkpoint
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):
-                state[name + ".weight"] = m.merged_weight().contiguous()
+                weight, a, b = (full[f"{name}.{k}"] for k in ("weight", "lora_A", "lora_B"))
+                state[name + ".weight"] = lora_fold(weight, a, b, m.lora_scale).contiguous()
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
