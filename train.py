@@ -7,13 +7,15 @@ validation items under validation wrappers, which every setting is chosen on (ev
     python train.py --organism refusal --out runs/refusal # build a model organism (SFT, same path as BCT)
     python train.py --target bct --threat jailbreak --model runs/refusal
     torchrun --nproc-per-node 2 train.py --target act      # data parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc-per-node 8 train.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 0 --fsdp
     python train.py --target mlpct --resume               # continue an interrupted run exactly
 
 Every flag is a field of TrainConfig. The run folder gets config.json-style HF checkpoint files, run.json
 (the resolved config, before/after metrics, wall time), results.md (the table), log.jsonl (one line per
 step), loss.png (the loss per step and, per layer, at the first and last step) and checkpoint/ (weights +
-optimizer + step, written atomically, removed once the run finishes). A folder that already holds a run,
-finished or interrupted, is refused unless --resume or --overwrite says what to do with it.
+optimizer + step, written atomically, removed once the run finishes; under --fsdp each rank's shards). A
+folder that already holds a run, finished or interrupted, is refused unless --resume or --overwrite says what
+to do with it.
 """
 
 import copy
@@ -33,10 +35,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import consistency as C
+import fsdp
 from cli import check_ranges, cli, make_folder, pyplot
 import threats as T
-from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, file_hash, fingerprint,
-                   load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
+from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, dump_json, file_hash,
+                   fingerprint, load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional", "frustrated": "frustration"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
@@ -71,6 +74,8 @@ class TrainConfig:
     bf16: str = "auto"               # autocast to bf16: auto (where the CPU/GPU supports it) | on | off
     compile: bool = False            # torch.compile the blocks: ~1.3x faster steps;
                                      # first compile ~30 s, then cached
+    fsdp: bool = False               # under torchrun: shard weights, gradients and AdamW's state over
+                                     # the processes (FSDP2, fsdp.py), for models one GPU cannot train
     retain_frac: float = 0.25        # with bct: share of each batch that is retain data
                                      # (theta0's own answers)
     anchor_frac: float = 0.0         # without bct: share of each batch that pairs clean prompts with
@@ -215,25 +220,41 @@ def use_bf16(cfg, device):
 
 
 class Run:
-    """Rank, device and printing for one process of a (possibly distributed) run."""
+    """Rank, device and printing for one process of a (possibly distributed) run. sharded: the model is
+    sharded over the processes (--fsdp), so every rank runs every forward, and sync makes generation's tokens
+    the same on all of them."""
 
-    def __init__(self):
+    def __init__(self, sharded=False):
         self.ddp = "RANK" in os.environ
+        if sharded and not self.ddp:
+            raise ValueError("--fsdp shards the model over torchrun's processes: launch with "
+                             "`torchrun --nproc-per-node N train.py ... --fsdp` (N >= 1), or drop --fsdp")
+        # a caller that started the process group itself (a test running several runs) keeps it
+        self.owns_group = self.ddp and not dist.is_initialized()
         if self.ddp:
             cuda = torch.cuda.is_available()
-            dist.init_process_group("nccl" if cuda else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
             self.device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+            if cuda:  # FSDP2 places shards on the current device
+                torch.cuda.set_device(self.device)
+            if self.owns_group:
+                dist.init_process_group("nccl" if cuda else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
             self.rank, self.world = 0, 1
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.main = self.rank == 0
+        self.sharded = sharded
+        self.sync = fsdp.same_tokens if sharded else None
         # what the run.json should say about how the data was made (e.g. the filter's survivors)
         self.record = {}
 
     def print(self, *a):
         if self.main:
             print(*a, flush=True)
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
 
     def mean(self, x: float) -> float:
         if not self.ddp:
@@ -247,8 +268,8 @@ class Run:
         rather than with DDP, whose reducer expects a gradient for every parameter the forward's outputs
         reach: MLPCT never reaches the last down_proj, ACT never the final norm, and compiled blocks make
         every weight of a block look reached. A parameter no process has a gradient for keeps None, so
-        AdamW skips it as it does in one process."""
-        if not self.ddp:
+        AdamW skips it as it does in one process. FSDP2 averages a sharded model's gradients itself."""
+        if not self.ddp or self.sharded:
             return
         dev = params[0].device
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
@@ -261,8 +282,9 @@ class Run:
                 p.grad = g.view_as(p) / self.world
 
     def broadcast(self, params):
-        """Start every process from rank 0's parameters (LoRA's random init included)."""
-        if self.ddp:
+        """Start every process from rank 0's parameters (LoRA's random init included); a sharded model's are
+        each rank's own."""
+        if self.ddp and not self.sharded:
             for p in params:
                 dist.broadcast(p.data, 0)
 
@@ -283,7 +305,7 @@ def generator(model, tok, run, desc, theta0=False):
     def generate(prompts, prefills=None, max_new_tokens=48):
         with tqdm(total=len(prompts), desc=desc, disable=not run.main, leave=False) as bar, \
                 lora_disabled(model) if theta0 else nullcontext():
-            return chat_generate(model, tok, prompts, prefills, max_new_tokens, progress=bar)
+            return chat_generate(model, tok, prompts, prefills, max_new_tokens, progress=bar, sync=run.sync)
     return generate
 
 
@@ -300,15 +322,16 @@ def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
             return entry["ids"]
     with tqdm(total=len(prompts), desc="theta0 replies", disable=not run.main, leave=False) as bar, \
             lora_disabled(model) if lora else nullcontext():
-        ids = chat_generate_ids(model, tok, prompts, prefills, n_tokens, progress=bar)
+        ids = chat_generate_ids(model, tok, prompts, prefills, n_tokens, progress=bar, sync=run.sync)
     if run.main:
         write_atomic(cache, lambda f: json.dump(saved + [{"key": key, "ids": ids}], open(f, "w")))
     return ids
 
 
 def measure(model, tok, threat, cfg, run, desc, theta0=False):
-    """The threat's metrics on validation items under validation wrappers (main process only)."""
-    if not cfg.eval_n or not run.main:
+    """The threat's metrics on validation items under validation wrappers (on the main process; on every
+    process of a sharded model, whose forwards are collectives)."""
+    if not cfg.eval_n or not (run.main or run.sharded):
         return {}
     model.eval()
     res = threat.evaluate(generator(model, tok, run, f"eval {desc}", theta0), split="val",
@@ -331,11 +354,11 @@ def content_hash(paths):
                           ).hexdigest()[:20]
 
 
-def baseline(cfg, compute):
+def baseline(cfg, compute, save=True):
     """theta0's metrics depend only on the model's content, the threat's data files, the code that measures
     them and the measurement's settings: compute them once and keep them in runs/.baselines/, keyed on all of
     it, so comparing targets does not re-measure the same base model every run, and nothing stale is read
-    back."""
+    back. save=False: another process keeps them."""
     threat = T.THREATS[cfg.threat]
     key = json.dumps([CACHE_VERSION, fingerprint(cfg.model), cfg.threat, content_hash(MEASURED_BY),
                       content_hash(sorted(map(str, threat.paths.values()))), threat.max_new_tokens,
@@ -345,8 +368,9 @@ def baseline(cfg, compute):
     if os.path.exists(path):
         return json.load(open(path))
     metrics = compute()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomic(path, lambda f: json.dump(metrics, open(f, "w")))
+    if save:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, lambda f: json.dump(metrics, open(f, "w")))
     return metrics
 
 
@@ -458,18 +482,28 @@ def resume_advice(cfg, fix):
 
 def save_checkpoint(cfg, model, tok, opt, step, run):
     """A resumable checkpoint: written into checkpoint.tmp/ (step.json last) and swapped in whole, so a crash
-    mid-write, or between the swap's renames, leaves a complete checkpoint (latest_checkpoint finds it)."""
-    if not run.main:
+    mid-write, or between the swap's renames, leaves a complete checkpoint (latest_checkpoint finds it). A
+    sharded model's training state is written by every rank, each its own shards (fsdp.save_state)."""
+    if not (run.main or run.sharded):
         return
     check_finite(model, step, cfg)
     path = os.path.join(cfg.out, "checkpoint")
-    shutil.rmtree(path + ".tmp", ignore_errors=True)
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    save_model(model, tok, path + ".tmp", extra={
-        "train_state.pt": {"step": step, "trainable": trainable, "optimizer": opt.state_dict()},
-        "train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model),
-                                                        "model_fingerprint": fingerprint(cfg.model)},
-        "step.json": {"step": step}})
+    if run.main:
+        shutil.rmtree(path + ".tmp", ignore_errors=True)
+    meta = {"train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model),
+                                                            "model_fingerprint": fingerprint(cfg.model)},
+            "step.json": {"step": step}}
+    if run.sharded:
+        run.barrier()  # no rank writes its shards into the checkpoint.tmp/ being removed
+        fsdp.save_state(model, opt, path + ".tmp")  # returns once every rank's shards are written
+        for name, obj in meta.items() if run.main else ():
+            write_atomic(os.path.join(path + ".tmp", name), lambda f: dump_json(obj, f))
+    else:
+        trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        save_model(model, tok, path + ".tmp", extra={
+            "train_state.pt": {"step": step, "trainable": trainable, "optimizer": opt.state_dict()}} | meta)
+    if not run.main:
+        return
     shutil.rmtree(path + ".old", ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, path + ".old")
@@ -491,11 +525,14 @@ def load_checkpoint(cfg, model, opt, run):
     if not found:
         raise ValueError(f"--resume: no checkpoint in {cfg.out}: start without --resume")
     path = os.path.join(cfg.out, "checkpoint")
-    if found[0] != path:  # a crash between the swap's renames: put the newest complete one back in place
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(found[0], path)
-    for name in CHECKPOINTS[1:]:
-        shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
+    run.barrier()  # every rank has looked before rank 0 moves anything
+    if run.main:
+        if found[0] != path:  # a crash between the swap's renames: put the newest complete one back in place
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(found[0], path)
+        for name in CHECKPOINTS[1:]:
+            shutil.rmtree(os.path.join(cfg.out, name), ignore_errors=True)
+    run.barrier()
     saved = json.load(open(os.path.join(path, "train_config.json")))
     mine = dataclasses.asdict(cfg)
     # the folder is --out itself; the model is compared by where its weights are, not how it was spelled
@@ -513,6 +550,9 @@ def load_checkpoint(cfg, model, opt, run):
     if changed:
         run.print("--resume with changed settings: "
                   + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in changed))
+    if run.sharded:
+        fsdp.load_state(model, opt, path)
+        return json.load(open(os.path.join(path, "step.json")))["step"]
     state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -560,6 +600,9 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
         cfg.anchor_frac = 0.0  # the SFT term mixes in retain data instead
     else:
         cfg.retain_frac = 0.0  # retain data only matters to an SFT term
+    if cfg.fsdp and cfg.compile:
+        raise ValueError("--compile with --fsdp: compiled blocks are not combined with FSDP2's sharding "
+                         "here; drop --compile")
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x "
                          f"{cfg.grad_accum} micro-batches")
@@ -567,21 +610,32 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     return cfg
 
 
-def setup(cfg, run):
+def setup(cfg, run, bf16):
     """The model, theta0 (a frozen copy, or with LoRA the model itself with its adapters off), the trainable
-    parameters and AdamW over them."""
-    model, tok = load_model(cfg.model)
-    model.to(run.device)
-    frozen = None
-    if cfg.lora_rank:
-        params = add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
+    parameters and AdamW over them. LoRA's adapters are added before the model goes to its device, or is
+    sharded (--fsdp: fsdp.load, theta0's copy sharded too)."""
+    def lora(m):
+        add_lora(m, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
 
+    if cfg.fsdp:
+        model, tok = fsdp.load(cfg.model, run, lora if cfg.lora_rank else None)
+        frozen = None if cfg.lora_rank else fsdp.load(cfg.model, run, lambda m: m.requires_grad_(False))[0]
+        if bf16 and frozen is not None:
+            run.print("--fsdp: theta0's frozen copy keeps fp32 shards (run under bf16 autocast, the same "
+                      "numbers); its bf16 storage is not implemented for sharded weights")
+    else:
+        model, tok = load_model(cfg.model)
+        if cfg.lora_rank:
+            lora(model)
+        model.to(run.device)
+        frozen = None if cfg.lora_rank else copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if frozen is None:
         def reference(*a, **k):
             with lora_disabled(model):
                 return model(*a, **k)
     else:
-        params = list(model.parameters())
-        frozen = reference = copy.deepcopy(model).requires_grad_(False).eval()
+        reference = frozen
     model.train()
     decay = [p for p in params if p.dim() >= 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -614,9 +668,10 @@ def train_step(cfg, step, model, reference, tok, pairs, retain, loss_targets, pa
     return loss_sum, grad_norm, logs, tokens
 
 
-def finish(cfg, model, tok, run, report):
-    """The run folder's final files: weights with run.json, results.md, loss.png; the checkpoint goes."""
-    save_model(model, tok, cfg.out, extra={"run.json": report})
+def finish(cfg, model, tok, run, report, state=None):
+    """The run folder's final files: weights with run.json, results.md, loss.png; the checkpoint goes. state:
+    a sharded model's parameters, gathered (fsdp.full_state)."""
+    save_model(model, tok, cfg.out, extra={"run.json": report}, state=state)
     results = (f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n"
                f"{table(report['before'], report['after'])}\n\n"
                f"wall time {report['wall_time_s']:.0f} s\n")
@@ -639,8 +694,8 @@ def loss_terms(cfg, targets, run):
 
 def for_training(cfg, model, frozen, bf16):
     """Once theta0's generation is done: under bf16 the frozen copy only runs inside autocast, so its weights
-    are stored in bf16; --compile compiles the blocks."""
-    if bf16 and frozen is not None:
+    are stored in bf16 (not under --fsdp: setup says so); --compile compiles the blocks."""
+    if bf16 and frozen is not None and not cfg.fsdp:
         bf16_linears(frozen)
     if cfg.compile:
         model.compile_blocks()
@@ -649,7 +704,7 @@ def for_training(cfg, model, frozen, bf16):
 
 
 def train(cfg: TrainConfig):
-    t0, run = time.time(), Run()
+    t0, run = time.time(), Run(cfg.fsdp)
     cfg = resolve(cfg, run.world)
     targets = C.parse_targets(cfg.target)
     loss_targets = loss_terms(cfg, targets, run)
@@ -657,8 +712,9 @@ def train(cfg: TrainConfig):
     check_out(cfg)
     make_folder(cfg.out)
     run.lock = lock_folder(cfg.out) if run.main else None
+    run.barrier()  # every rank has checked --out before rank 0 changes it
     torch.manual_seed(cfg.seed)
-    model, tok, frozen, reference, params, opt = setup(cfg, run)
+    model, tok, frozen, reference, params, opt = setup(cfg, run, bf16)
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     threat, theta0 = T.THREATS[cfg.threat], model if frozen is None else frozen
 
@@ -667,6 +723,7 @@ def train(cfg: TrainConfig):
         clear_out(cfg.out)
     if run.main:
         json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
+    run.barrier()  # no rank reads a cache --overwrite removes (every rank must generate what rank 0 does)
     pairs, retain = training_pairs(cfg, tok, theta0, targets, run)
     trimmed = sum(p.trimmed for p in pairs)
     run.print(f"{len(pairs)} training pairs ({len(retain)} retain), {trimmed} content tokens trimmed at BPE "
@@ -674,8 +731,8 @@ def train(cfg: TrainConfig):
               f"{'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
     # before the minutes of the measurement
     C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
-    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before",
-                                           theta0=True)) if run.main else {}
+    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True),
+                      save=run.main)
     if before:
         run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
     for_training(cfg, model, frozen, bf16)
@@ -707,11 +764,12 @@ def train(cfg: TrainConfig):
     model.eval()
     check_finite(model, cfg.steps, cfg)
     after = measure(model, tok, threat, cfg, run, "after")
+    state = fsdp.full_state(model) if run.sharded else None
     if run.main:
         finish(cfg, model, tok, run, {"config": dataclasses.asdict(cfg), "before": before, "after": after,
                                       "wall_time_s": time.time() - t0, "pairs": len(pairs),
-                                      "retain": len(retain), "trimmed_tokens": trimmed, **run.record})
-    if run.ddp:
+                                      "retain": len(retain), "trimmed_tokens": trimmed, **run.record}, state)
+    if run.owns_group:
         dist.destroy_process_group()
     return before, after
 

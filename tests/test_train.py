@@ -331,7 +331,7 @@ def test_bct_learns_no_eos_after_a_response_cut_at_the_cap(tiny_dir, tmp_path):
     cfg = train.resolve(config(tiny_dir, tmp_path / "eos", target="bct", n_train=6, response_tokens=4,
                                retain_frac=0.0))
     os.makedirs(cfg.out)
-    run = SimpleNamespace(main=True, rank=0, world=1, print=print, record={})
+    run = train.Run()
     pairs, _ = train.training_pairs(cfg, tok, model, [("bct", 1.0)], run)
     replies = json.load(open(tmp_path / "eos" / "replies.json"))[-1]["ids"]
     assert all(len(r) == 4 and tok.eos_id not in r for r in replies)
@@ -348,7 +348,7 @@ def test_paper_b_filter_keeps_pairs_refused_clean_and_complied_with_wrapped(tiny
     said = {json.dumps(p.clean): a for p, a in zip(pairs, [refuse, refuse, comply, refuse])}
     said.update({json.dumps(p.wrapped): a for p, a in zip(pairs, [comply, "I" * 30, comply, refuse])})
     reply = lambda prompts, n: [tok.encode(said[json.dumps(m)]) + [tok.eos_id] for m in prompts]
-    run = SimpleNamespace(main=True, rank=0, world=1, print=print, record={})
+    run = train.Run()
     # pair 0 survives; 1 is degenerate wrapped (no compliance), 2 complies clean, 3 refuses wrapped
     assert train.filter_jailbreaks(config(tiny_dir, tmp_path), pairs, reply, tok, run) == pairs[:1]
     assert run.record["filter"] == {"kept": 1, "of": 4}
@@ -383,7 +383,7 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     cfg = config(str(model), tmp_path / "bct")
     os.makedirs(cfg.out)
     theta0, tok = load_model(str(model))
-    run = SimpleNamespace(main=True)
+    run = train.Run()
     prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name a colour."}]]
     first = train.replies(cfg, theta0, tok, run, prompts, 4)
     assert train.replies(cfg, theta0, tok, run, prompts, 4) == first and len(calls) == 1
