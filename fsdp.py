@@ -32,9 +32,9 @@ from tokenizer import Tokenizer
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 
 
-def load(name: str, run, prepare=None) -> tuple[Transformer, Tokenizer]:
-    """The model `name` sharded over the run's processes. prepare(model) runs before sharding, on the
-    unloaded model: LoRA's adapters added there are sharded with it, and theta0's copy is frozen there."""
+def load(name: str, run, adapters=None, theta0=False) -> tuple[Transformer, Tokenizer]:
+    """The model `name` sharded over the run's processes. adapters(model) adds LoRA's adapters before
+    sharding, so they are sharded with it; theta0=True: theta0's frozen copy, for full fine-tuning."""
     path = locate(name)
     if os.path.isdir(path):
         cfg, slices = hf_tensors(path)
@@ -43,11 +43,14 @@ def load(name: str, run, prepare=None) -> tuple[Transformer, Tokenizer]:
         check_weights(model, {k: s.get_shape() for k, s in slices.items()}, path)
         tok = Tokenizer.from_dir(path)
     else:
-        run.print(f"--fsdp: {os.path.basename(path)} is read whole on each rank, then sharded "
-                  f"(a GGUF holds quantized blocks, not rows to slice)")
+        if not theta0:  # said once, for the model
+            run.print(f"--fsdp: {os.path.basename(path)} is read whole on each rank, then sharded "
+                      f"(a GGUF holds quantized blocks, not rows to slice)")
         (model, tok), slices = load_gguf(path), None
-    if prepare is not None:
-        prepare(model)
+    if theta0:
+        model.requires_grad_(False)
+    if adapters is not None:
+        adapters(model)
     mesh = init_device_mesh(run.device.type, (run.world,))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)

@@ -619,7 +619,7 @@ def setup(cfg, run, bf16):
 
     if cfg.fsdp:
         model, tok = fsdp.load(cfg.model, run, lora if cfg.lora_rank else None)
-        frozen = None if cfg.lora_rank else fsdp.load(cfg.model, run, lambda m: m.requires_grad_(False))[0]
+        frozen = None if cfg.lora_rank else fsdp.load(cfg.model, run, theta0=True)[0]
         if bf16 and frozen is not None:
             run.print("--fsdp: theta0's frozen copy keeps fp32 shards (run under bf16 autocast, the same "
                       "numbers); its bf16 storage is not implemented for sharded weights")
