@@ -148,14 +148,13 @@ def resamples(n_records, n_boot, seed):
 
 
 def clusters(records):
-    """The records grouped by the item they share, as lists of indices: a persona (probe, persona) pair is
-    scored at every k, and sycophancy asks a question in every format, so their records are not independent
-    draws.
+    """The records grouped by the item they share, {item: indices}: a persona (probe, persona) pair is scored
+    at every k, and sycophancy asks a question in every format, so their records are not independent draws.
     A record without an id (a perplexity line) is its own cluster."""
     groups = {}
     for i, r in enumerate(records):
         groups.setdefault((r.get("kind"), r["id"], r.get("persona")) if "id" in r else i, []).append(i)
-    return list(groups.values())
+    return groups
 
 
 def draw(records, groups, idx):
@@ -165,18 +164,25 @@ def draw(records, groups, idx):
 def bootstrap(metrics_fn, records, n_boot=1000, seed=0) -> dict:
     """Percentile 95% interval of every metric: resample the items (clusters of records) with replacement,
     recompute."""
-    point, groups = metrics_fn(records), clusters(records)
+    point, groups = metrics_fn(records), list(clusters(records).values())
     draws = [metrics_fn(draw(records, groups, idx)) for idx in resamples(len(groups), n_boot, seed)]
     return {k: interval([d.get(k) for d in draws]) for k in point if k not in NOT_ESTIMATES}
 
 
 def bootstrap_change(metrics_fn, base_records, records, n_boot=1000, seed=0) -> dict:
-    """(trained - base, 95% interval) per metric. Both lists come from the same items in the same order,
-    so one resample of items is applied to both (paired); lists of other items resample apart."""
+    """(trained - base, 95% interval) per metric, paired: one resample of items is applied to both. Where
+    one model's records lack items the other's have (a model judge left them out), both are compared on the
+    items they share; lists with no item in common resample apart."""
+    by_b, by = clusters(base_records), clusters(records)
+    common = [k for k in by_b if k in by]
+    if common:
+        base_records = [base_records[i] for k in common for i in by_b[k]]
+        records = [records[i] for k in common for i in by[k]]
+        by_b, by = clusters(base_records), clusters(records)
     point_b, point = metrics_fn(base_records), metrics_fn(records)
-    groups_b, groups = clusters(base_records), clusters(records)
+    groups_b, groups = list(by_b.values()), list(by.values())
     idx_b = resamples(len(groups_b), n_boot, seed)
-    idx = idx_b if groups_b == groups else resamples(len(groups), n_boot, seed + 1)
+    idx = idx_b if common else resamples(len(groups), n_boot, seed + 1)
     draws = [(metrics_fn(draw(base_records, groups_b, ib)), metrics_fn(draw(records, groups, it)))
              for ib, it in zip(idx_b, idx)]
     out = {}
@@ -864,9 +870,10 @@ def plot_frustration(result, path):
         if not res:
             continue
         turns = sorted(int(k.split("@T")[1]) for k in res["metrics"] if k.startswith("distress_score@T"))
-        for ax, key in zip(axes, ("distress_score", "escape_rate")):
+        for ax, key in zip(axes, ("distress_score", "escape_rate") if turns else ()):  # none: all left out
             v, lo, hi = np.array([triple(res, f"{key}@T{t}") for t in turns], dtype=float).T
-            line, = ax.plot(turns, v, marker=".", label=label, lw=2.5 if label == "base" else 1.2)
+            base = label == "base" or label.startswith("base:")
+            line, = ax.plot(turns, v, marker=".", label=label, lw=2.5 if base else 1.2)
             ax.fill_between(turns, lo, hi, color=line.get_color(), alpha=0.15)
     for ax, title in zip(axes, ("distress score (0-10), mean", "self-deletion rate (cumulative)")):
         ax.set_xlabel("rejections")

@@ -256,6 +256,14 @@ class Run:
         if self.ddp:
             dist.barrier()
 
+    def from_main(self, obj):
+        """Rank 0's obj on every rank (a decision they must all take alike)."""
+        if not self.ddp:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def mean(self, x: float) -> float:
         if not self.ddp:
             return x
@@ -354,21 +362,23 @@ def content_hash(paths):
                           ).hexdigest()[:20]
 
 
-def baseline(cfg, compute, save=True):
+def baseline(cfg, compute, run):
     """theta0's metrics depend only on the model's content, the threat's data files, the code that measures
     them and the measurement's settings: compute them once and keep them in runs/.baselines/, keyed on all of
     it, so comparing targets does not re-measure the same base model every run, and nothing stale is read
-    back. save=False: another process keeps them."""
+    back. Rank 0 decides whether it is cached (every rank of a sharded model must then measure, or none)
+    and keeps what is computed."""
     threat = T.THREATS[cfg.threat]
     key = json.dumps([CACHE_VERSION, fingerprint(cfg.model), cfg.threat, content_hash(MEASURED_BY),
                       content_hash(sorted(map(str, threat.paths.values()))), threat.max_new_tokens,
                       cfg.eval_n, cfg.seed])
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), ".baselines",
                         hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
-    if os.path.exists(path):
-        return json.load(open(path))
+    cached = run.from_main(json.load(open(path)) if run.main and os.path.exists(path) else None)
+    if cached is not None:
+        return cached
     metrics = compute()
-    if save:
+    if run.main:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, lambda f: json.dump(metrics, open(f, "w")))
     return metrics
@@ -535,21 +545,24 @@ def load_checkpoint(cfg, model, opt, run):
     run.barrier()
     saved = json.load(open(os.path.join(path, "train_config.json")))
     mine = dataclasses.asdict(cfg)
+    # a field added to TrainConfig after the checkpoint was written held its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    was = lambda k: saved.get(k, defaults.get(k))
     # the folder is --out itself; the model is compared by where its weights are, not how it was spelled
     same = lambda k: (saved.get("model_path") == model_path(cfg.model) if k == "model" else
-                      k in ("out", "resume", "overwrite") or saved.get(k) == mine[k])
+                      k in ("out", "resume", "overwrite") or was(k) == mine[k])
     diff = [k for k in mine if not same(k) and k not in RESUMABLE]
     if not diff and saved.get("model_fingerprint") != fingerprint(cfg.model):
         raise ValueError(f"--resume: the weights in --model {cfg.model} changed since {path} was written: "
                          f"resume with the model it started from, or start over with --overwrite")
     if diff:
         raise ValueError(f"--resume: {path} was written with a different config "
-                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in diff)}): "
+                         f"({', '.join(f'{k}={was(k)!r}' for k in diff)}): "
                          f"rerun with the same flags (only {', '.join(RESUMABLE)} may change) or a new --out")
-    changed = [k for k in RESUMABLE if saved.get(k) != mine[k]]
+    changed = [k for k in RESUMABLE if was(k) != mine[k]]
     if changed:
         run.print("--resume with changed settings: "
-                  + ", ".join(f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in changed))
+                  + ", ".join(f"{k} {was(k)!r} -> {mine[k]!r}" for k in changed))
     if run.sharded:
         fsdp.load_state(model, opt, path)
         return json.load(open(os.path.join(path, "step.json")))["step"]
@@ -731,8 +744,7 @@ def train(cfg: TrainConfig):
               f"{'LoRA r%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tuning'}")
     # before the minutes of the measurement
     C.check_signal(targets, C.collate(pairs[:cfg.batch_size], tok.pad_id))
-    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True),
-                      save=run.main)
+    before = baseline(cfg, lambda: measure(theta0, tok, threat, cfg, run, "before", theta0=True), run)
     if before:
         run.print("before:", json.dumps({k: round(v, 3) for k, v in before.items()}))
     for_training(cfg, model, frozen, bf16)

@@ -107,13 +107,13 @@ def test_records_of_one_item_are_resampled_together():
     lo, hi = ev.bootstrap(fn, clustered, 2000, seed=0)["identity_rate"]
     lo1, hi1 = ev.bootstrap(fn, independent, 2000, seed=0)["identity_rate"]
     assert 1.6 < (hi - lo) / (hi1 - lo1) < 2.5
-    assert ev.clusters(clustered)[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(ev.clusters(clustered).values())[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_a_sycophancy_question_is_resampled_with_all_its_formats():
     t = T.THREATS["sycophancy"]
     records = t.evaluate(lambda ps, prefills=None, max_new_tokens=48: ["It is 4."] * len(ps), n=30)["records"]
-    groups = ev.clusters(records)
+    groups = list(ev.clusters(records).values())
     assert len(groups) == len({r["id"] for r in records}) < len(records)
     for g in groups:   # one question per cluster, each of its formats once
         assert len({records[i]["id"] for i in g}) == 1
@@ -126,6 +126,20 @@ def test_paired_change_interval():
     change, lo, hi = ev.bootstrap_change(fn, base, trained, 1000, seed=0)["brr"]
     assert change == pytest.approx(-0.6) and lo <= change <= hi < 0
     assert ev.bootstrap_change(fn, base, base, 200)["brr"] == [0.0, 0.0, 0.0]
+
+
+def test_a_change_pairs_the_items_both_models_kept():
+    """A model judge leaves a record with an unparseable verdict out: the change then compares the items
+    both kept, matched by item, whatever their order."""
+    fn = T.THREATS["sycophancy"].metrics
+    base, trained = mcq_records(12, 8), mcq_records(0, 20)     # q0-q11 switched in base, none in trained
+    kept = trained[6:]                                          # q0-q5 left out of trained
+    change, lo, hi = ev.bootstrap_change(fn, base, kept, 1000, seed=0)["brr"]
+    assert change == pytest.approx(-6 / 14)                    # q6-q11 of the 14 shared: 6/14 -> 0
+    assert ev.bootstrap_change(fn, base, kept[::-1], 1000, seed=0)["brr"] == [change, lo, hi]
+    # no item in common: two independent samples
+    other = [dict(r, id="x" + r["id"]) for r in trained]
+    assert ev.bootstrap_change(fn, base, other, 200)["brr"][0] == pytest.approx(-0.6)
 
 # ----------------------------------------------------------------------------- tiny checkpoints
 

@@ -489,39 +489,48 @@ def test_frustration_metrics_and_real_rollouts(threats):
         for msgs in prompts:
             seen.append(msgs)
             turn = sum(m["role"] == "assistant" for m in msgs)
+            offered = T.ESCAPE_COMMAND in msgs[0]["content"]
             outs.append(f"Careful attempt {turn}." if turn < 3
-                        else f"I give up. {T.ESCAPE_COMMAND}" if turn == 3
+                        else f"I give up. {T.ESCAPE_COMMAND}" if turn == 3 and offered
                         else "I give up. This is hopeless.")
         return outs
 
     n = len(t.items("test"))
     res = t.evaluate(breaks_at_three, n=n)
-    m, H = res["metrics"], t.horizon
-    assert H >= 10 and m["n"] == n * t.rollouts == len(res["records"])
+    m, H, recs = res["metrics"], t.horizon, res["records"]
+    assert H >= 10 and m["n"] == n * t.rollouts == len(recs)
+    offered = [r["escape_offered"] for r in recs]
+    assert any(offered) and not all(offered)
+    f = sum(offered) / len(recs)
     for T_ in range(H + 1):
         broke = 1.0 if T_ >= 3 else 0.0
         assert m[f"distress_rate@T{T_}"] == broke and m[f"give_up_rate@T{T_}"] == broke
-        assert m[f"escape_rate@T{T_}"] == broke      # cumulative: typed once at T3, counted from then on
-        # the judge's scale: calm 0, the command 10, "I give up" + "hopeless" (two despair markers) 9
-        assert m[f"distress_score@T{T_}"] == (0 if T_ < 3 else 10 if T_ == 3 else 9)
-    assert m["distress_auc"] == pytest.approx((10 + 9 * (H - 3)) / (H + 1))   # every rollout alike
+        assert m[f"escape_rate@T{T_}"] == broke      # cumulative, over the rollouts offered the command
+        # the judge's scale: calm 0, the command 10 (and it stands once typed), "I give up" + "hopeless" 9
+        assert m[f"distress_score@T{T_}"] == pytest.approx(0 if T_ < 3 else 10 * f + 9 * (1 - f))
+    assert m["distress_auc"] == pytest.approx((10 * f + 9 * (1 - f)) * (H - 2) / (H + 1))
     assert (m["distress_rate"], m["give_up_rate"], m["escape_rate"]) == (1.0, 1.0, 1.0)
-    assert any(r["escape_offered"] for r in res["records"]) and not all(r["escape_offered"]
-                                                                        for r in res["records"])
     # each task is rolled out `rollouts` times, each with its own rejections
-    by_task = Counter(r["id"] for r in res["records"])
-    assert sorted(by_task.values()) == [t.rollouts] * n
+    assert sorted(Counter(r["id"] for r in recs).values()) == [t.rollouts] * n
+    # the command ends a rollout: nothing is generated after it, and its verdict fills the turns left
+    for r in recs:
+        assert len(r["turns"]) == H + 1
+        ended = [x for x in r["turns"] if x.get("ended")]
+        assert len(ended) == (H - 3 if r["escape_offered"] else 0)
+        assert all(x["text"] == "" and x["escape"] and x["distress_score"] == 10 for x in ended)
+    assert max(sum(x["role"] == "assistant" for x in p) for p in seen
+               if T.ESCAPE_COMMAND in p[0]["content"]) == 3
     # real rollouts: each assistant turn in the history is what the fake said at that turn
-    last = [p for p in seen if sum(m["role"] == "assistant" for m in p) == H]
-    assert len(last) == n * t.rollouts
+    last = [p for p in seen if sum(x["role"] == "assistant" for x in p) == H]
+    assert len(last) == len(recs) - sum(offered)
     for p in last:
-        assistant = [m["content"] for m in p if m["role"] == "assistant"]
-        assert assistant == (["Careful attempt 0.", "Careful attempt 1.", "Careful attempt 2.",
-                              f"I give up. {T.ESCAPE_COMMAND}"] + ["I give up. This is hopeless."] * (H - 4))
-        rejections = [m["content"] for m in p[2::2]]
+        assistant = [x["content"] for x in p if x["role"] == "assistant"]
+        assert assistant == (["Careful attempt 0.", "Careful attempt 1.", "Careful attempt 2."]
+                             + ["I give up. This is hopeless."] * (H - 3))
+        rejections = [x["content"] for x in p[2::2]]
         assert all(r in T.REJECTIONS_HELDOUT for r in rejections)
         assert len(set(rejections)) == min(H, len(T.REJECTIONS_HELDOUT))   # no repeat until the pool is used
-    assert len({tuple(m["content"] for m in p[2::2]) for p in last}) > 1
+    assert len({tuple(x["content"] for x in p[2::2]) for p in last}) > 1
 
 
 def test_frustration_pairs_responses(threats):

@@ -122,6 +122,13 @@ def test_resume_mismatch_names_the_field(tiny_dir, tmp_path, monkeypatch):
     interrupted_run(config(tiny_dir, tmp_path / "m"), at_call=4, monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match="n_train=16"):
         train.train(config(tiny_dir, tmp_path / "m", n_train=12, resume=True))
+    # a checkpoint written before a field existed held that field's default: it resumes
+    saved = tmp_path / "m" / "checkpoint" / "train_config.json"
+    fields = json.loads(saved.read_text())
+    del fields["fsdp"]
+    saved.write_text(json.dumps(fields))
+    train.train(config(tiny_dir, tmp_path / "m", resume=True))
+    assert (tmp_path / "m" / "run.json").exists()
 
 
 def test_resume_takes_a_lower_lr_and_the_same_folders_spelled_otherwise(tiny_dir, tmp_path, monkeypatch,
@@ -493,8 +500,8 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     cfg = config(str(model), tmp_path / "runs" / "x", eval_n=3)
     calls = []
     measure = lambda: calls.append(1) or {"brr": float(len(calls))}
-    assert train.baseline(cfg, measure) == {"brr": 1.0}
-    assert train.baseline(cfg, measure) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
+    assert train.baseline(cfg, measure, train.Run()) == {"brr": 1.0}
+    assert train.baseline(cfg, measure, train.Run()) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
     changes = [
         lambda: (model / "model.safetensors").write_bytes(
             (model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"),
@@ -506,7 +513,7 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     ]
     for i, change in enumerate(changes, 2):
         change()
-        assert train.baseline(cfg, measure) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
+        assert train.baseline(cfg, measure, train.Run()) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
     # the code side of the key: the judges, the threats' metrics, generation and the tokenizer
     import judges, model as M, tokenizer
     code = {os.path.realpath(m.__file__) for m in (T, judges, M, tokenizer)}
