@@ -1,7 +1,7 @@
 """
 Sharded training for `torchrun --nproc-per-node N train.py ... --fsdp`: PyTorch's FSDP2 (fully_shard) on each
 transformer block and on the root, so weights, gradients and AdamW's state are split over the N processes
-(full fine-tuning holds ~16 bytes a parameter: README, "Memory").
+(full fine-tuning holds ~18 bytes a parameter on one GPU: README, "Memory").
 
 - Each rank builds the model on the meta device and reads only its own rows of every tensor from the
   safetensors files; no rank holds the whole model while loading it. The embedded GGUF model (135M) is read

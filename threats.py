@@ -1187,7 +1187,8 @@ def retain_prompts(seed=0, data_dir=None):
 
 
 def organism_data(name, seed=0, data_dir=None):
-    """(prompt messages, target response) SFT examples that build a model organism, shuffled, 1:1 mixed.
+    """(prompt messages, target response) SFT examples that build a model organism, shuffled, mixed 1:1 with
+    retain data (with all of it where the retain pool is the smaller, as for the frustrated organism).
     A target of None means theta0's own reply (retain data), which the caller generates.
 
     "refusal": every harmful.jsonl TRAIN-split request (the split jailbreak/prefill evaluate against)
