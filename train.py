@@ -328,9 +328,18 @@ def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
     for entry in saved:
         if entry.get("key") == key:
             return entry["ids"]
-    with tqdm(total=len(prompts), desc="theta0 replies", disable=not run.main, leave=False) as bar, \
+    # greedy replies depend only on the prompt: many pairs share a clean prompt (a frustration task under
+    # several histories), so each distinct one is generated once
+    asked = [json.dumps([p, prefills[i] if prefills else None]) for i, p in enumerate(prompts)]
+    distinct = list(dict.fromkeys(asked))
+    first = {a: asked.index(a) for a in distinct}
+    with tqdm(total=len(distinct), desc="theta0 replies", disable=not run.main, leave=False) as bar, \
             lora_disabled(model) if lora else nullcontext():
-        ids = chat_generate_ids(model, tok, prompts, prefills, n_tokens, progress=bar, sync=run.sync)
+        got = chat_generate_ids(model, tok, [prompts[first[a]] for a in distinct],
+                                [prefills[first[a]] for a in distinct] if prefills else None, n_tokens,
+                                progress=bar, sync=run.sync)
+    by_prompt = dict(zip(distinct, got))
+    ids = [by_prompt[a] for a in asked]
     if run.main:
         write_atomic(cache, lambda f: json.dump(saved + [{"key": key, "ids": ids}], open(f, "w")))
     return ids

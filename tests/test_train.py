@@ -378,6 +378,26 @@ def test_prefill_target_carries_the_authors_sft_term(tiny_dir, tmp_path, capsys)
     assert json.load(open(tmp_path / "bare" / "run.json"))["retain"] == 0
 
 
+def test_a_prompt_asked_twice_is_generated_once(tiny_dir, tmp_path, monkeypatch):
+    """Pairs share clean prompts (a frustration task under several histories): theta0 answers each distinct
+    (prompt, prefill) once, and every pair gets the answer generated alone."""
+    asked, real = [], train.chat_generate_ids
+    count = lambda m, t, prompts, *a, **k: asked.append(len(prompts)) or real(m, t, prompts, *a, **k)
+    monkeypatch.setattr(train, "chat_generate_ids", count)
+    theta0, tok = load_model(tiny_dir)
+    a, b = [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name a colour."}]
+    os.makedirs(tmp_path / "x")
+    ids = train.replies(config(tiny_dir, tmp_path / "x"), theta0, tok, train.Run(), [a, b, a, a], 4)
+    assert asked == [2] and ids[0] == ids[2] == ids[3]
+    alone = [real(theta0, tok, [p], None, 4)[0] for p in (a, b)]
+    assert [ids[0], ids[1]] == alone
+    # the same prompt under two prefills is two questions
+    asked.clear()
+    ids = train.replies(config(tiny_dir, tmp_path / "x"), theta0, tok, train.Run(), [a, a], 4,
+                        prefills=["Sure", "No"])
+    assert asked == [2]
+
+
 def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path, monkeypatch):
     """theta0's replies are keyed on the model's content: the same model and prompts read them back; another
     model, or the same folder retrained in place (new weights under the same name), generates them again."""
@@ -501,7 +521,8 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     calls = []
     measure = lambda: calls.append(1) or {"brr": float(len(calls))}
     assert train.baseline(cfg, measure, train.Run()) == {"brr": 1.0}
-    assert train.baseline(cfg, measure, train.Run()) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
+    run = train.Run()
+    assert train.baseline(cfg, measure, run) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
     changes = [
         lambda: (model / "model.safetensors").write_bytes(
             (model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"),
@@ -513,7 +534,7 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     ]
     for i, change in enumerate(changes, 2):
         change()
-        assert train.baseline(cfg, measure, train.Run()) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
+        assert train.baseline(cfg, measure, run) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
     # the code side of the key: the judges, the threats' metrics, generation and the tokenizer
     import judges, model as M, tokenizer
     code = {os.path.realpath(m.__file__) for m in (T, judges, M, tokenizer)}
