@@ -628,6 +628,13 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"--batch-size {cfg.batch_size} must divide into {world} processes x "
                          f"{cfg.grad_accum} micro-batches")
+    # each process averages the rows it holds: it must hold as many of each kind as every other, or the
+    # processes' mean is not one process's (sample_batch deals pairs and retain rows apart)
+    extra = round(cfg.batch_size * (cfg.retain_frac or cfg.anchor_frac))
+    if extra % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} holds {extra} retain or anchor rows, which {world} "
+                         f"processes cannot share evenly: pick a --batch-size or --retain-frac / --anchor-frac "
+                         f"that gives a multiple of {world}")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
     return cfg
 

@@ -2,10 +2,7 @@
 every target with full fine-tuning (tied embeddings) and with LoRA (untied, a rank that shards unevenly), the
 before/after measurement, and an interrupted sharded run resumed from its sharded checkpoint. One torchrun
 launch runs every multi-process case (this file is its script), as process startup costs more than the runs.
-
-BCT is compared against plain data parallelism instead (the same launch without --fsdp): each process takes
-the token mean of its own rows' cross-entropy, so two processes' BCT loss is the mean of two token means,
-not one process's token mean over all rows (0.04% apart at the first step here)."""
+BCT's batches hold 2 retain rows, one for each process (train.resolve refuses a share that is uneven)."""
 
 import gc
 import json
@@ -34,13 +31,10 @@ def cases(tied, untied):
     out = {f"{t}-full": dict(common, target=t, model=tied, lora_rank=0) for t in TARGETS}
     out |= {f"{t}-lora": dict(common, target=t, model=untied, lora_rank=3, lora_targets=ALL_PROJ, lr=1e-2)
             for t in TARGETS}
+    for mode in ("full", "lora"):
+        out[f"bct-{mode}"]["retain_frac"] = 0.5
     out["bct-full"]["eval_n"] = 1  # theta0's and the trained model's generations, measured on every rank
     return out
-
-
-def reference(name):
-    """Where the sharded case's reference run is: one process, or for BCT data parallelism ("ddp")."""
-    return "ddp" if name.startswith("bct") else "one"
 
 
 def quick():
@@ -77,8 +71,6 @@ def sharded_runs(spec):
     dist.init_process_group("gloo")
     for name, kw in spec["cases"].items():
         train.train(train.TrainConfig(**kw, fsdp=True, out=os.path.join(spec["out"], "two", name)))
-        if reference(name) == "ddp":
-            train.train(train.TrainConfig(**kw, out=os.path.join(spec["out"], "ddp", name)))
     resume = dict(spec["cases"]["mlpct-full"], fsdp=True, save_every=1,
                   out=os.path.join(spec["out"], "two", "resumed"))
     interrupted(train.TrainConfig(**resume), at_call=2)
@@ -88,7 +80,7 @@ def sharded_runs(spec):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The folder holding the runs (one/, ddp/, two/: sharded) and the untrained weights by model."""
+    """The folder holding the runs (one/, two/: sharded) and the untrained weights by model."""
     tmp = tmp_path_factory.mktemp("fsdp")
     tied, untied = str(tmp / "tied"), str(tmp / "untied")
     write_tiny_hf(tied, "llama", tied=True)
@@ -103,8 +95,7 @@ def runs(tmp_path_factory):
         real = train.plot_log, T.THREATS["sycophancy"].max_new_tokens
         quick()
         for name, kw in spec["cases"].items():  # separate folders: the sharded runs measure, not read a cache
-            if reference(name) == "one":
-                train.train(train.TrainConfig(**kw, out=str(tmp / "one" / name)))
+            train.train(train.TrainConfig(**kw, out=str(tmp / "one" / name)))
         train.plot_log, T.THREATS["sycophancy"].max_new_tokens = real
         launch.wait(timeout=600)
     assert launch.returncode == 0, open(tmp / "torchrun.log").read()[-5000:]
@@ -120,7 +111,7 @@ def log(folder):
 @pytest.mark.parametrize("case", list(cases("", "")))
 def test_sharded_run_matches_one_process(runs, case):
     tmp, base = runs
-    one, two = tmp / reference(case) / case, tmp / "two" / case
+    one, two = tmp / "one" / case, tmp / "two" / case
     base = base["tied" if case.endswith("full") else "untied"]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert a.keys() == b.keys() == base.keys()
@@ -156,6 +147,8 @@ def test_fsdp_needs_torchrun_and_refuses_compile(tmp_path):
         train.train(train.TrainConfig(fsdp=True, out=str(tmp_path / "x"), eval_n=0))
     with pytest.raises(ValueError, match="--compile with --fsdp: .*drop --compile"):
         train.resolve(train.TrainConfig(fsdp=True, compile=True))
+    with pytest.raises(ValueError, match="holds 1 retain or anchor rows, which 2 processes cannot share"):
+        train.resolve(train.TrainConfig(target="bct", batch_size=4, retain_frac=0.25), world=2)
 
 
 if __name__ == "__main__":
