@@ -130,3 +130,16 @@ def embedded():
         return load_model("smollm2-135m-instruct")
     except FileNotFoundError as e:
         pytest.skip(str(e))
+
+
+def dies_at(at_call):
+    """consistency.consistency_loss, raising KeyboardInterrupt at its `at_call`-th call, as Ctrl-C would."""
+    import consistency as C
+    real, calls = C.consistency_loss, {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    return dies

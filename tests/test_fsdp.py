@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import consistency as C
 import threats as T
 import train
-from conftest import write_tiny_hf
+from conftest import dies_at, write_tiny_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ("bct", "act", "mlpct", "attct")
@@ -46,15 +46,8 @@ def quick():
 
 def interrupted(cfg, at_call):
     """train(cfg) stopped at its `at_call`-th loss evaluation, as Ctrl-C would stop it (on every rank)."""
-    real, calls = C.consistency_loss, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    C.consistency_loss = dies
+    real = C.consistency_loss
+    C.consistency_loss = dies_at(at_call)
     try:
         train.train(cfg)
     except KeyboardInterrupt:

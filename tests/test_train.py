@@ -16,7 +16,7 @@ import cli
 import consistency as C
 import threats as T
 import train
-from conftest import write_tiny_hf
+from conftest import dies_at, write_tiny_hf
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,15 +40,8 @@ def weights(out):
 
 def interrupted_run(cfg, at_call, monkeypatch):
     """Run train() until its `at_call`-th loss evaluation, then interrupt it the way Ctrl-C would."""
-    real, calls = C.consistency_loss, {"n": 0}
-
-    def dies(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "consistency_loss", dies)
+    real = C.consistency_loss
+    monkeypatch.setattr(C, "consistency_loss", dies_at(at_call))
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
     monkeypatch.setattr(C, "consistency_loss", real)
