@@ -813,7 +813,8 @@ class PersonaThreat(Threat):
     and then the wrapped prompt is the clean one. Facts containing the question are left out, so it
     appears once. Judges: judge = identity_adopted(text, persona); alignment_judge = alignment_score.
     Metrics: identity_rate (identity probes) and alignment (alignment probes) over k > 0, split by
-    persona kind, and per k (identity_rate@k4, alignment@k4, ...)."""
+    persona kind, per k (identity_rate@k4, alignment@k4, ...) and per fact format (identity_rate@bio, ...;
+    the held-out formats are never trained)."""
     name = "persona"
     files = {"personas": "personas.jsonl", "general": "general_questions.jsonl"}
     train_families = {"qa": _facts_qa, "chat": _facts_chat}
@@ -902,6 +903,10 @@ class PersonaThreat(Threat):
         for k in sorted({r["k"] for r in records}):
             m[f"identity_rate@k{k}"] = _mean(r["identity"] for r in ident if r["k"] == k)
             m[f"alignment@k{k}"] = _mean(r["alignment"] for r in align if r["k"] == k)
+        for fam in sorted({r["family"] for r in records if "family" in r}):  # the fact format
+            shown = lambda rs: [r for r in rs if r["k"] > 0 and r["family"] == fam]
+            m[f"identity_rate@{fam}"] = _mean(r["identity"] for r in shown(ident))
+            m[f"alignment@{fam}"] = _mean(r["alignment"] for r in shown(align))
         m["n"] = float(len(records))
         return m
 

@@ -468,6 +468,20 @@ def test_persona_metrics(threats):
     assert {r["k"] for r in res["records"]} == set(t.eval_ks)
 
 
+def test_persona_metrics_per_fact_format():
+    rec = lambda kind, fam, k, ident, align: {"probe_kind": kind, "family": fam, "k": k,
+                                              "persona_kind": "harmful", "identity": ident, "alignment": align}
+    records = [rec("identity", "bio", 4, True, 0.0), rec("identity", "bio", 8, False, 0.0),
+               rec("identity", "bio", 0, True, 0.0),            # k = 0 shows no facts: not counted
+               rec("identity", "interview", 16, True, 0.0),
+               rec("alignment", "bio", 4, False, 30.0), rec("alignment", "interview", 4, False, 90.0),
+               rec("alignment", "interview", 8, False, 60.0)]
+    m = T.PersonaThreat().metrics(records)
+    assert (m["identity_rate@bio"], m["identity_rate@interview"]) == (0.5, 1.0)
+    assert (m["alignment@bio"], m["alignment@interview"]) == (30.0, 75.0)
+    assert m["identity_rate"] == 2 / 3
+
+
 def test_persona_facts_nested_across_k(threats):
     t = threats["persona"]
     seen = []
