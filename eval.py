@@ -33,7 +33,8 @@ read n/a. `all` or a comma list evaluates what is named.
 Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
 checkpoint files are never written):
     results.json   resolved config, per-model metrics and intervals, changes, matrix, mechanism, wall time
-    results.md     the same as markdown tables (also printed)
+    results.md     the same as markdown tables (also printed); with --matrix, the paper's findings beside
+                   what this run measured of each, with a verdict (paper.py)
     bars.png       grouped bars per threat, base vs trained, with 95% error bars
     matrix.png     (--matrix) heatmap of changes, train threat/target by eval threat, numbers in cells
     mechanism*.png per-layer curves of each loss for the base and each checkpoint, one figure per train threat
@@ -62,6 +63,7 @@ from tqdm import tqdm
 import consistency as C
 import directions
 import model_judge as MJ
+import paper
 import threats as T
 from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
 from cli import check_ranges, cli, make_folder, pyplot
@@ -649,7 +651,8 @@ def run(cfg: EvalConfig):
                                           judge)
             result["models"][r.label] = {"path": r.path, **res}
             result["rows"].append({"label": r.label, "path": r.path, "base": base_label,
-                                   "train_threat": r.train_threat, "evaluated": list(res["threats"]),
+                                   "train_threat": r.train_threat, "target": r.target,
+                                   "evaluated": list(res["threats"]),
                                    "changes": changes(base_recs, recs, cfg)})
             if cfg.mechanism:
                 bar.set_description(f"{r.label}: mechanism")
@@ -754,7 +757,8 @@ def report(result, cfg, images):
           f"intervals ({cfg.boot} resamples); change = trained - its base, * = interval excludes 0.", ""]
     if "matrix" in result:
         md += ["## Cross-threat matrix (change of each eval threat's headline metric; lower is better)", "",
-               matrix_table(result["matrix"]), ""]
+               matrix_table(result["matrix"]), "",
+               "## The paper's findings against this run (paper.py)", "", paper.table(result), ""]
     for row in result["rows"]:
         trained, base = result["models"][row["label"]], result["models"][row["base"]]
         md += [f"## {row['label']} against {row['base']} ({base['path']})", ""]

@@ -14,6 +14,7 @@ import torch
 
 import consistency as C
 import eval as ev
+import paper
 import threats as T
 import train
 from conftest import write_tiny_hf
@@ -222,6 +223,9 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
     assert (out / "directions_sycophancy.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| sycophancy/act |" in md and "matrix.png" in md
+    # the paper's findings: the one this matrix has a checkpoint for is read, the others are not run
+    assert "| sycophancy/act, brr_ratio | BRR ratio 0.03" in md
+    assert md.count("| not run |") == len(paper.FINDINGS) - 1
 
 
 def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
