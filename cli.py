@@ -1,7 +1,7 @@
 """
 What train.py, eval.py and bench.py share around their work: a command line generated from the script's
-config dataclass, one-line errors for flags out of range, the output folder made before any work, and
-figures drawn to files.
+config dataclass, one-line errors for flags out of range, the output folder made before any work, figures
+drawn to files, and whether the hardware computes in bf16 natively.
 """
 
 import argparse
@@ -55,3 +55,12 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def native_bf16(device) -> bool:
+    """Whether bf16 matmuls run natively on `device` (a torch.device): CPUs without them emulate bf16, slower
+    than fp32."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()

@@ -66,7 +66,7 @@ import model_judge as MJ
 import paper
 import threats as T
 from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
-from cli import check_ranges, cli, make_folder, pyplot
+from cli import check_ranges, cli, make_folder, native_bf16, pyplot
 from train import CHECKPOINTS
 
 
@@ -93,7 +93,7 @@ class EvalConfig:
     threads: int = 0                 # torch.set_num_threads (0: torch's default)
     gen_dtype: str = "fp32"          # weights for generation: fp32 | bf16 (~1.6x faster on CPUs with
                                      # native bf16; greedy answers can differ on near-ties; perplexity and
-                                     # mechanism stay fp32)
+                                     # mechanism stay fp32) | auto (bf16 where native)
     judge: str = ""                  # a model judge (a name load_model takes) whose verdicts replace the
                                      # lexicons' (model_judge.py); "": the lexicons
 
@@ -607,8 +607,10 @@ def run(cfg: EvalConfig):
     if set(os.path.realpath(cfg.out).split(os.sep)) & set(CHECKPOINTS):
         raise ValueError(f"--out {cfg.out} lies inside a training checkpoint folder, which the next "
                          f"checkpoint swap deletes: pick another folder")
-    if cfg.gen_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--gen-dtype {cfg.gen_dtype!r}: use fp32 or bf16")
+    if cfg.gen_dtype not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"--gen-dtype {cfg.gen_dtype!r}: use fp32, bf16 or auto")
+    if cfg.gen_dtype == "auto":   # the answers' cache and results.json record what was used
+        cfg.gen_dtype = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     make_folder(cfg.out)

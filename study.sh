@@ -16,7 +16,7 @@
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
 #   conditional                        bct act mlpct attct, from the `inoculated` organism
 # Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
-# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16), GEN_DTYPE (bf16),
+# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16), GEN_DTYPE (auto),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped and one with a checkpoint
 # continues (--resume), and eval.py reads back the answers it has generated, so rerunning the script resumes an
@@ -43,7 +43,7 @@ N_TRAIN=${N_TRAIN:-256}
 BATCH_SIZE=${BATCH_SIZE:-8}
 EVAL_N=${EVAL_N:-30}
 MECH_N=${MECH_N:-16}
-GEN_DTYPE=${GEN_DTYPE:-bf16}   # eval.py's answers from bf16 weights: ~1.6x faster on CPUs with native bf16
+GEN_DTYPE=${GEN_DTYPE:-auto}   # eval.py's answers from bf16 weights where the CPU has native bf16 (~1.6x faster)
 REFUSAL_ORGANISM=${REFUSAL_ORGANISM:-auto}
 [[ $REFUSAL_ORGANISM == auto ]] && REFUSAL_ORGANISM=$([[ $MODEL == smollm2-135m-instruct ]] && echo 1 || echo 0)
 TRAIN="--steps $STEPS --n-train $N_TRAIN --batch-size $BATCH_SIZE --eval-n 0 ${LR:+--lr $LR} ${QUICK_TRAIN:-} ${TRAIN_FLAGS:-}"

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import consistency as C
 import fsdp
-from cli import check_ranges, cli, make_folder, pyplot
+from cli import check_ranges, cli, make_folder, native_bf16, pyplot
 import threats as T
 from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, dump_json, file_hash,
                    fingerprint, load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
@@ -213,10 +213,7 @@ def use_bf16(cfg, device):
         raise ValueError(f"--bf16 {cfg.bf16!r}: use auto, on or off")
     if cfg.bf16 != "auto":
         return cfg.bf16 == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # CPUs without native bf16 matmuls run autocast slower than fp32
-    return os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
+    return native_bf16(device)
 
 
 class Run:

@@ -330,6 +330,12 @@ def test_bf16_generation_leaves_perplexity_in_fp32(runs, monkeypatch, tmp_path):
     assert (got["bf16"]["capability"]["metrics"]["perplexity"]
             == got["fp32"]["capability"]["metrics"]["perplexity"])
     assert got["bf16"]["threats"]["sycophancy"]["n"] == got["fp32"]["threats"]["sycophancy"]["n"] > 0
+    # auto: bf16 only where the CPU has native bf16 matmuls, and results.json records which
+    run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism",
+            "--gen-dtype", "auto", "--out", tmp_path / "auto")
+    native = "avx512_bf16" in open("/proc/cpuinfo").read()
+    config = json.loads((tmp_path / "auto" / "results.json").read_text())["config"]
+    assert config["gen_dtype"] == ("bf16" if native else "fp32")
 
 
 def test_perplexity_matches_transformers(runs):
