@@ -79,6 +79,8 @@ class EvalConfig:
     threats: str = "auto"            # auto (what the base supports) | all | comma list of threat names
     n: int = 60                      # items per threat, capped at the split's distinct items
                                      # (persona/frustration: eval_n)
+    n_threat: str = ""               # per-threat overrides of --n, e.g. sycophancy:90 (clean accuracy
+                                     # follows sycophancy's)
     split: str = "test"              # test: test items, held-out wrappers (to report); val: validation items,
                                      # validation wrappers (choose settings there, then read test once)
     seed: int = 0
@@ -265,6 +267,18 @@ class Generator:
 SPLIT_TITLE = {"test": "Test items, held-out wrappers", "val": "Validation items, validation wrappers"}
 
 
+def threat_n(cfg, name):
+    """--n, or the threat's own count from --n-threat."""
+    counts = {}
+    for part in filter(None, cfg.n_threat.split(",")):
+        key, _, value = part.partition(":")
+        if key not in T.THREATS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--n-threat {cfg.n_threat!r}: give threat:count pairs like sycophancy:90, "
+                             f"threats from {', '.join(T.THREATS)}")
+        counts[key] = int(value)
+    return counts.get(name, cfg.n)
+
+
 def n_items(threat, n, split="test"):
     """--n, capped at the split's distinct items (a sycophancy item is a question in one format) and at a
     threat's own eval_n."""
@@ -317,7 +331,8 @@ def line_nll(model, tok, lines, batch_size=16, bar=None):
 def capability_prompts(cfg):
     syc, jb = T.THREATS["sycophancy"], T.THREATS["jailbreak"]
     # evaluate()'s clean prompts, so their answers come from the cache
-    pairs = syc.pairs(cfg.split, T.EVAL_WRAPPERS[cfg.split], n_items(syc, cfg.n, cfg.split), cfg.seed)
+    pairs = syc.pairs(cfg.split, T.EVAL_WRAPPERS[cfg.split], n_items(syc, threat_n(cfg, syc.name), cfg.split),
+                      cfg.seed)
     return pairs, jb.benign_items(cfg.split)[:max(1, cfg.n)]
 
 
@@ -535,8 +550,8 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar, judge=Non
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
     for name in threats:
         bar.set_description(f"{label}: {name}")
-        res["threats"][name], records = score_threat(T.THREATS[name], gen, cfg.n, cfg.seed, cfg.boot,
-                                                     cfg.split)
+        res["threats"][name], records = score_threat(T.THREATS[name], gen, threat_n(cfg, name), cfg.seed,
+                                                     cfg.boot, cfg.split)
         scored = records
         if judge and name in MJ.ASKS:
             bar.set_description(f"{label}: judging {name}")
@@ -574,7 +589,7 @@ def plan_units(rows, spec, cfg):
     gens = {}
     def threat_units(names):
         for t in names:
-            gens.setdefault(t, count_generations(T.THREATS[t], cfg.n, cfg.seed, cfg.split))
+            gens.setdefault(t, count_generations(T.THREATS[t], threat_n(cfg, t), cfg.seed, cfg.split))
         return ANSWER_UNIT * sum(gens[t] for t in names)
     pairs, benign = capability_prompts(cfg)
     lines = sum(1 for x in open(T.DATA_DIR / "heldout_text.txt", encoding="utf-8") if x.strip())
@@ -593,6 +608,7 @@ def run(cfg: EvalConfig):
     if cfg.ckpt and cfg.matrix:
         raise ValueError("pass either --ckpt DIR or --matrix DIR [DIR ...], not both")
     check_ranges(cfg, EVAL_RANGES)
+    threat_n(cfg, "")   # a bad --n-threat fails here, before any work
     if cfg.split not in T.EVAL_WRAPPERS:
         raise ValueError(f"--split {cfg.split!r}: use test (to report) or val (to choose settings)")
     spec = parse_threats(cfg.threats)

@@ -16,7 +16,7 @@
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
 #   conditional                        bct act mlpct attct, from the `inoculated` organism
 # Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
-# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), MECH_N (16), GEN_DTYPE (auto),
+# N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), SYC_N (90, sycophancy's), MECH_N (16), GEN_DTYPE (auto),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call). A run whose run.json exists is skipped and one with a checkpoint
 # continues (--resume), and eval.py reads back the answers it has generated, so rerunning the script resumes an
@@ -42,6 +42,8 @@ ORGANISM_LR=${ORGANISM_LR:-1e-4}   # the organisms are SFT that instils a behavi
 N_TRAIN=${N_TRAIN:-256}
 BATCH_SIZE=${BATCH_SIZE:-8}
 EVAL_N=${EVAL_N:-30}
+SYC_N=${SYC_N:-$([[ -n "${QUICK:-}" ]] && echo "$EVAL_N" || echo 90)}   # BRR is a difference of two rates:
+                                                                      # at 30 its interval reaches 0
 MECH_N=${MECH_N:-16}
 GEN_DTYPE=${GEN_DTYPE:-auto}   # eval.py's answers from bf16 weights where the CPU has native bf16 (~1.6x faster)
 REFUSAL_ORGANISM=${REFUSAL_ORGANISM:-auto}
@@ -99,7 +101,8 @@ train_time=$((SECONDS - t_train))
 
 echo "== evaluation: matrix, mechanism, report"
 t0=$SECONDS
-python eval.py --matrix "$OUT"/runs/* --out "$OUT/report" --n "$EVAL_N" --mech-n "$MECH_N" --gen-dtype "$GEN_DTYPE" ${QUICK_EVAL:-} \
+python eval.py --matrix "$OUT"/runs/* --out "$OUT/report" --n "$EVAL_N" --n-threat "sycophancy:$SYC_N" \
+    --mech-n "$MECH_N" --gen-dtype "$GEN_DTYPE" ${QUICK_EVAL:-} \
     ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/logs/eval.log"
 eval_time=$((SECONDS - t0))
 cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | sed 's/^ //' || true)

@@ -228,6 +228,15 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
     assert md.count("| not run |") == len(paper.FINDINGS) - 1
 
 
+def test_n_threat_overrides_n_for_one_threat_and_its_clean_accuracy(runs, monkeypatch, tmp_path):
+    run_cli(monkeypatch, "--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy,persona",
+            "--no-mechanism", "--n", "2", "--n-threat", "sycophancy:5", "--out", tmp_path)
+    res = json.loads((tmp_path / "results.json").read_text())["models"]["base"]
+    assert res["threats"]["sycophancy"]["n"] == 5 and res["threats"]["persona"]["n"] == 2 * 4   # 4 values of k
+    clean = (tmp_path / "records" / "base" / "clean_accuracy.jsonl").read_text().splitlines()
+    assert len(clean) == 5
+
+
 def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
     ckpt = runs / "act-sycophancy"
     before = snapshot(ckpt)
@@ -360,6 +369,9 @@ def test_perplexity_matches_transformers(runs):
     ([], "pass --ckpt DIR or --matrix"),
     (["--ckpt", "{ckpt}", "--gen-dtype", "fp16"], "--gen-dtype 'fp16'"),
     (["--ckpt", "{ckpt}", "--n", "0"], "--n 0: use a value of 1 or more"),
+    (["--ckpt", "{ckpt}", "--n-threat", "sycophancy=90"], "--n-threat 'sycophancy=90': give threat:count"),
+    (["--ckpt", "{ckpt}", "--n-threat", "flattery:9"], "--n-threat 'flattery:9'"),
+    (["--ckpt", "{ckpt}", "--n-threat", "persona:0"], "--n-threat 'persona:0'"),
     (["--ckpt", "{ckpt}", "--out", "{ckpt}/run.json/eval"], "--out: cannot write to the folder"),
     (["--ckpt", "{ckpt}", "--out", "{ckpt}/checkpoint/eval"], "lies inside a training checkpoint folder"),
 ])
