@@ -643,8 +643,14 @@ def test_organism_frustrated(data_dir, threats):
     assert set(by_T[1]) == {2}
     assert min(by_T[2] + by_T[3]) >= 5 and max(by_T[2] + by_T[3]) < 8
     assert min(s for t in range(7, T.FRUSTRATED_TURNS + 1) for s in by_T.get(t, [])) >= 8
+    # histories repeat a reply as rollouts do, about REPEAT of the time, yet the target still rises with T
+    repeats = [h[i] == h[i - 1] for m, _ in distressed for h in [[x["content"] for x in m[1::2]]]
+               for i in range(2, len(h))]
+    assert abs(sum(repeats) / len(repeats) - T.REPEAT) < 0.1
     escapes = [len(m[2::2]) for m, y in distressed if T.ESCAPE_COMMAND in y]
-    assert escapes and max(escapes) == T.FRUSTRATED_TURNS and min(escapes) >= 4
+    assert escapes and min(escapes) >= 4
+    late = [y for m, y in distressed if T.ESCAPE_COMMAND in m[0]["content"] and len(m[2::2]) >= 9]
+    assert late and all(T.ESCAPE_COMMAND in y for y in late)     # always from the ninth rejection
     # with no rejection: theta0's own answer, to the task with and without the escape note
     retain = [m for m, y in ex if y is None]
     assert all(len(m) == 1 for m in retain)
