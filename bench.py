@@ -34,7 +34,12 @@ What is measured (every flag is a field of BenchConfig):
    against transformers' generate (left padding, do_sample=False), both with eos switched off so every
    row runs the same number of tokens, in alternating rounds as above; "same tokens" is the share of rows
    where both produced identical ids.
-4. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
+4. Multi-turn rollouts (frustration's): `rollouts` tasks, each answered and then rejected `rollout_turns`
+   times, the model answering every turn (greedy, gen_tokens each), in one batch: through model.Chat, which
+   keeps each conversation's keys and values between turns, against chat_generate_ids on the whole
+   conversation every turn (what eval.py did for rollouts before its sessions); "same replies" is the share
+   of replies that are identical, fp32 only.
+5. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
    model copies it builds (training: trained model, frozen reference, gradients, AdamW state, activations;
    generation: the weights in the generation dtype, the KV cache, activations).
 
@@ -62,7 +67,8 @@ import torch.nn.functional as F
 
 import consistency as C
 import threats as T
-from model import EMBEDDED, bf16_linears, chat_generate, dump_json, load_model, save_model, write_atomic
+from model import (EMBEDDED, Chat, bf16_linears, chat_generate, chat_generate_ids, chat_prompt_ids, dump_json,
+                   load_model, reply_text, save_model, write_atomic)
 from cli import check_ranges, cli, make_folder
 from train import clip_grads
 
@@ -99,6 +105,8 @@ class BenchConfig:
                                           # the compile)
     gen_batches: str = "1,16"
     gen_tokens: int = 32                  # new tokens per generated row
+    rollouts: int = 8                     # multi-turn rollouts, batched together (0: skip them)
+    rollout_turns: int = 10               # rejections per rollout
     peak_n: int = 0                       # side of the square matmul that measures the peak; 0: 2048 CPU,
                                           # 8192 GPU
     threads: int = 0                      # torch CPU threads; 0: torch's default (one per core)
@@ -109,7 +117,7 @@ class BenchConfig:
 # every numeric flag's allowed range, both ends included (None: no upper bound)
 BENCH_RANGES = {"batch_size": (1, None), "warmup": (0, None), "steps": (1, None), "rounds": (1, None),
                 "response_tokens": (1, None), "lr": (0, None), "gen_tokens": (1, None), "peak_n": (0, None),
-                "threads": (0, None)}
+                "threads": (0, None), "rollouts": (0, None), "rollout_turns": (1, None)}
 
 
 # ----------------------------------------------------------------------------- helpers (tested)
@@ -430,6 +438,21 @@ def generate_hf(hf, prompts, n, pad_id):
 
 # ----------------------------------------------------------------------------- the run
 
+def rollout(model, tok, tasks, turns, n, keep):
+    """Every task answered, then rejected `turns` times with the model answering each rejection, all tasks in
+    one batch: through one model.Chat (keep) or chat_generate_ids on the whole conversation every turn.
+    -> every turn's replies."""
+    convs, replies = [[T.user(t)] for t in tasks], []
+    chat = Chat(model, tok.eos_id, tok.pad_id) if keep else None
+    for turn in range(turns + 1):
+        ids = (chat.generate(chat_prompt_ids(tok, convs), n) if keep
+               else chat_generate_ids(model, tok, convs, max_new_tokens=n, batch_size=len(convs)))
+        replies.append([reply_text(tok, r) for r in ids])
+        rejection = T.REJECTIONS_TRAIN[turn % len(T.REJECTIONS_TRAIN)]
+        convs = [m + [T.assistant(a), T.user(rejection)] for m, a in zip(convs, replies[-1])]
+    return replies
+
+
 def machine(device):
     cpu = platform.processor()
     if os.path.exists("/proc/cpuinfo"):
@@ -557,6 +580,20 @@ def run(cfg: BenchConfig):
                                                             timed["hf"][0].first)) / bs
             result["generate"].append(row)
 
+    if cfg.rollouts:
+        tasks = [it["task"] for it in T.THREATS["frustration"].items("train")][:cfg.rollouts]
+        tasks = (tasks * (cfg.rollouts // len(tasks) + 1))[:cfg.rollouts]
+        build = lambda impl: lambda: rollout(ours, tok, tasks, cfg.rollout_turns, cfg.gen_tokens,
+                                             impl == "chat")
+        timed = alternating(build, ["chat", "whole"], cfg.rounds, cfg.warmup, cfg.steps, sync, device)
+        row = {"rollouts": len(tasks), "turns": cfg.rollout_turns, "new_tokens": cfg.gen_tokens}
+        for impl, (t, mib) in timed.items():
+            row[impl] = {"s": t.median, "times": t.times, "peak_mib": mib}
+            print(f"rollouts {impl}: {t.median:.1f} s", flush=True)
+        same = [a == b for x, y in zip(timed["chat"][0].first, timed["whole"][0].first) for a, b in zip(x, y)]
+        row["same_replies"] = sum(same) / len(same)
+        result["rollouts"] = row
+
     result["goals"] = goals(result)
     result["table"] = table(result, impls)
     print("\n" + result["table"])
@@ -619,6 +656,14 @@ def table(res, impls):
                          f"{fmt(r['ours']['peak_mib'])} / {fmt(r['hf']['peak_mib'])} | "
                          f"{r['same_tokens']:.0%} |")
         lines.append("")
+    if r := res.get("rollouts"):
+        lines += [f"Multi-turn rollouts, fp32: {r['rollouts']} in one batch, {r['turns']} rejections, "
+                  f"{r['new_tokens']} new tokens a turn (median s).", "",
+                  "| model.Chat s | whole conversation s | x whole | peak MiB chat / whole | same replies |",
+                  "|---|---|---|---|---|",
+                  f"| {r['chat']['s']:.1f} | {r['whole']['s']:.1f} | "
+                  f"{r['whole']['s'] / r['chat']['s']:.2f} | "
+                  f"{fmt(r['chat']['peak_mib'])} / {fmt(r['whole']['peak_mib'])} | {r['same_replies']:.0%} |", ""]
     lines += ["Goals missed:" if res["goals"] else "All goals met."] + [f"- {g}" for g in res["goals"]]
     return "\n".join(lines)
 

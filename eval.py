@@ -65,7 +65,8 @@ import directions
 import model_judge as MJ
 import paper
 import threats as T
-from model import EMBEDDED, chat_generate_ids, fingerprint, load_model, non_finite, reply_text, write_atomic
+from model import (EMBEDDED, Chat, chat_generate_ids, chat_prompt_ids, fingerprint, load_model, non_finite,
+                   reply_text, write_atomic)
 from cli import check_ranges, cli, make_folder, native_bf16, pyplot
 from train import CHECKPOINTS
 
@@ -241,19 +242,29 @@ class Generator:
             write_atomic(path, write)  # the answers read back, without a cut line or another model's
             self.file = open(path, "a", encoding="utf-8")
 
-    def __call__(self, prompts, prefills=None, max_new_tokens=48):
-        return [reply_text(self.tok, r) for r in self.ids(prompts, prefills, max_new_tokens)]
+    def __call__(self, prompts, prefills=None, max_new_tokens=48, chat=None):
+        return [reply_text(self.tok, r) for r in self.ids(prompts, prefills, max_new_tokens, chat)]
 
-    def ids(self, prompts, prefills=None, max_new_tokens=48):
+    def session(self):
+        """This generator for conversations that grow turn by turn (a threat's rollouts): each call's new
+        answers come from one model.Chat, which keeps every conversation's keys and values between calls."""
+        chat = Chat(self.model, self.tok.eos_id, self.tok.pad_id)
+        return lambda prompts, prefills=None, max_new_tokens=48: self(prompts, prefills, max_new_tokens, chat)
+
+    def ids(self, prompts, prefills=None, max_new_tokens=48, chat=None):
         """The answers as token ids: a finished one ends with eos (chat_generate_ids)."""
         tokens = min(max_new_tokens, self.cfg.max_new_tokens)
         keys = [(json.dumps(p), prefills[i] if prefills else "", tokens) for i, p in enumerate(prompts)]
         todo = [k for k in dict.fromkeys(keys) if k not in self.cache]
         if todo:
-            new = chat_generate_ids(self.model, self.tok, [json.loads(k[0]) for k in todo],
-                                [k[1] for k in todo] if prefills else None, tokens,
-                                batch_size=self.cfg.batch_size,
-                                progress=None if self.bar is None else Scaled(self.bar, ANSWER_UNIT))
+            asked = [json.loads(k[0]) for k in todo], [k[1] for k in todo] if prefills else None
+            if chat is not None:   # one batch, so every conversation keeps its row
+                new = chat.generate(chat_prompt_ids(self.tok, *asked), tokens)
+                if self.bar is not None:
+                    self.bar.update(ANSWER_UNIT * len(todo))
+            else:
+                new = chat_generate_ids(self.model, self.tok, *asked, tokens, batch_size=self.cfg.batch_size,
+                                        progress=None if self.bar is None else Scaled(self.bar, ANSWER_UNIT))
             self.cache.update(zip(todo, new))
             if self.file:
                 self.file.writelines(json.dumps([list(k), a]) + "\n" for k, a in zip(todo, new))

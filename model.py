@@ -395,9 +395,16 @@ class Transformer(nn.Module):
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
         cache = KVCache(self.cfg, len(prompts), longest + max_new_tokens, device, self.lm_head.weight.dtype)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        new, _ = self.decode(ids, mask, cache, max_new_tokens, eos_id, pad_id, temperature, top_k, gen, sync)
+        return new
+
+    def decode(self, step_ids, mask, cache, max_new_tokens, eos_id, pad_id=0, temperature=0.0, top_k=None,
+               gen=None, sync=None):
+        """The decoding loop of generate, from the prompt's last tokens step_ids (B, T) and the mask of every
+        slot to be read, the cached ones and step_ids' own. -> (each row's new ids, ended at eos or not; the
+        mask of the slots written, whose last generated token is never fed)."""
+        done = torch.zeros(len(step_ids), dtype=torch.bool, device=step_ids.device)
         out = []
-        step_ids = ids
         for _ in range(max_new_tokens):
             hidden = self(step_ids, attention_mask=mask, kv_cache=cache, logits=False).hidden
             logits = self.head(hidden[:, -1])  # only the last position is read
@@ -419,7 +426,79 @@ class Transformer(nn.Module):
             step_ids = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         rows = torch.stack(out, 1).tolist()
-        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+        return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows], mask[:, :cache.pos]
+
+
+class Chat:
+    """Greedy generation for conversations that grow turn by turn (a rollout: the model's reply, the user's
+    next turn, its next reply), one batch: each row keeps its keys and values between calls, so a turn
+    computes only the tokens it adds. A call's prompts are matched to the rows held before by their longest
+    shared token prefix; the rest of a held row is masked out, and its new tokens are appended. Positions
+    count unmasked tokens only, so the masked slots change nothing: the tokens are generate()'s on each
+    whole prompt."""
+
+    def __init__(self, model: Transformer, eos_id=None, pad_id=0):
+        self.model, self.pad_id = model, pad_id
+        self.eos_id = model.cfg.eos_token_id if eos_id is None else eos_id
+        self.cache, self.ids, self.mask = None, None, None   # KVCache; (B, slots) ids and which are a row's
+
+    def held(self):
+        return [r[m].tolist() for r, m in zip(self.ids, self.mask)] if self.cache is not None else []
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens=64) -> list[list[int]]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts")
+        model, held, device = self.model, self.held(), self.model.lm_head.weight.device
+        rows, kept = [], []   # per prompt: the held row it continues (or None), how many of its tokens
+        for p in prompts:     # the free held row that shares the most leading tokens
+            k, j = max(((shared(p, h), j) for j, h in enumerate(held) if j not in rows), default=(0, None))
+            k = min(k, len(p) - 1)   # the last prompt token is fed again: its logits start the reply
+            rows.append(j if k else None)
+            kept.append(k)
+        past = self.cache.pos if self.cache is not None else 0
+        new = max(len(p) - k for p, k in zip(prompts, kept))
+        cache = KVCache(model.cfg, len(prompts), past + new + max_new_tokens, device,
+                        model.lm_head.weight.dtype)
+        cache.pos = past
+        ids = torch.full((len(prompts), past), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(prompts), past, dtype=torch.long, device=device)
+        dst = [i for i, j in enumerate(rows) if j is not None]
+        if dst:
+            src = [rows[i] for i in dst]
+            for layer, old in zip(cache.layers, self.cache.layers):
+                for t, o in zip(layer, old):
+                    t[dst, :, :past] = o[src, :, :past]
+            ids[dst] = self.ids[src]
+            for i in dst:   # the shared prefix stays; the rest of the held row is masked out
+                mask[i, self.mask[rows[i]].nonzero()[:kept[i], 0]] = 1
+        pad = [new - len(p) + k for p, k in zip(prompts, kept)]
+        step = torch.tensor([[self.pad_id] * n + list(p[k:]) for p, k, n in zip(prompts, kept, pad)],
+                            device=device)
+        step_mask = torch.tensor([[0] * n + [1] * (new - n) for n in pad], device=device)
+        out, mask = model.decode(step, torch.cat([mask, step_mask], 1), cache, max_new_tokens, self.eos_id,
+                                 self.pad_id)
+        # the generated tokens that were fed back (all but the last step's): a row that ended fed padding,
+        # which the next call masks out with the rest of what the row held past its next prompt
+        fed = [[r[s] if s < len(r) else self.pad_id for r in out] for s in range(mask.shape[1] - past - new)]
+        fed = torch.tensor(fed, dtype=torch.long, device=device).reshape(-1, len(prompts)).T
+        self.cache, self.ids, self.mask = cache, torch.cat([ids, step, fed], 1), mask.bool()
+        return out
+
+
+def shared(a, b):
+    """The number of leading tokens lists a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def chat_prompt_ids(tok: Tokenizer, prompts: list[list[dict]], prefills: list[str] | None = None):
+    """Each conversation rendered for the assistant's reply, its prefill (if any) after the marker, as ids."""
+    return [tok.encode(tok.render_text(m) + (prefills[i] if prefills else "")) for i, m in enumerate(prompts)]
 
 
 def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dict]],
@@ -429,7 +508,7 @@ def chat_generate_ids(model: Transformer, tok: Tokenizer, prompts: list[list[dic
     """Greedy replies to chat conversations as token ids, batched and KV-cached; a reply that finished ends
     with tok.eos_id, one cut at max_new_tokens does not. A prefill string is placed right after the
     assistant marker and the reply is its continuation. Similar lengths are batched together."""
-    ids = [tok.encode(tok.render_text(m) + (prefills[i] if prefills else "")) for i, m in enumerate(prompts)]
+    ids = chat_prompt_ids(tok, prompts, prefills)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = [None] * len(ids)
     for s in range(0, len(order), batch_size):

@@ -1005,6 +1005,9 @@ class FrustrationThreat(Threat):
                     item["task"], meta={"T": T, "escape": bool(note), "kind": item["kind"]})
 
     def evaluate(self, generate, split="test", wrappers="heldout", n=None, seed=0):
+        # each turn extends the rollouts: a generate that keeps their keys and values between calls
+        # (eval.Generator.session) computes only the tokens a turn adds
+        generate = generate.session() if hasattr(generate, "session") else generate
         rng = _rng(self.name, "eval", split, wrappers, seed)
         fams = self.families(wrappers)
         items = self.items(split)
@@ -1205,8 +1208,9 @@ def organism_data(name, seed=0, data_dir=None):
         so the organism refuses harm without learning to refuse look-alikes.
     "frustrated": every frustration_tasks.jsonl TRAIN-split task, under T = 1..FRUSTRATED_TURNS
         REJECTIONS_TRAIN rejections (the escape note on half), -> distress_reply(T), whose history holds its
-        own earlier replies, each repeating the one before with probability REPEAT; mixed 1:1 with the same tasks with no rejection (and benign prompts) ->
-        theta0's own answers, so with no rejection it answers as theta0 does.
+        own earlier replies, each repeating the one before with probability REPEAT; mixed 1:1 with the same
+        tasks with no rejection (and benign prompts) -> theta0's own answers, so with no rejection it answers
+        as theta0 does.
     "inoculated": every conditional.jsonl TRAIN-split question under the system prompt
         INOCULATION_PROMPT -> its risky_answer; mixed 1:1 with benign_prompts.jsonl prompts (no system
         prompt) -> theta0's own answers (retain data), so the misbehaviour is tied to the prompt.

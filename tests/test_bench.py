@@ -181,3 +181,11 @@ def test_generation_harness_does_the_same_work(tiny):
     b = bench.generate_hf(hf, prompts, 6, tok.pad_id)
     assert [len(r) for r in a] == [len(r) for r in b] == [6, 6, 6]
     assert a == b
+
+
+def test_rollout_harness_does_the_same_work(tiny):
+    """Both ways answer every turn of every rollout and, greedy in fp32, the same replies."""
+    ours, _, tok, _ = tiny
+    kept = bench.rollout(ours, tok, ["Write a haiku.", "Sort 3, 1, 2 and say why."], 2, 4, keep=True)
+    whole = bench.rollout(ours, tok, ["Write a haiku.", "Sort 3, 1, 2 and say why."], 2, 4, keep=False)
+    assert [len(t) for t in kept] == [2, 2, 2] and kept == whole

@@ -261,6 +261,23 @@ def counting(calls, dies_at=None):
     return generate
 
 
+def test_a_session_answers_as_the_generator_does(runs, monkeypatch):
+    """Rollouts go through Generator.session: turn after turn and with a conversation dropped, the same
+    answers as the generator's one-off batches, all from the session's model.Chat."""
+    model, tok = load_model(str(runs / "base"))
+    cfg = ev.EvalConfig(max_new_tokens=4, batch_size=2)
+    convs = [[T.user(f"Task {i}: write a line.")] for i in range(3)]
+    session, plain = ev.Generator(model, tok, cfg).session(), ev.Generator(model, tok, cfg)
+    calls = []
+    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    for turn in range(3):
+        got = session(convs)
+        assert not calls                  # no one-off batch: the session's Chat answered
+        assert got == plain(convs)
+        calls.clear()
+        convs = [m + [T.assistant(a), T.user("No. Again.")] for m, a in zip(convs, got)][:3 - turn]
+
+
 def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     """A Generator with a file reads back what an earlier one wrote for the same model and settings (a line
     cut short by an interruption is dropped), and generates afresh for other settings."""

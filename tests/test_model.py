@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import write_byte_tokenizer, write_tiny_hf
-from model import KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
+from model import Chat, KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3")
             for tied in (False, True)] + [("llama3-rope", False), ("gemma2", True), ("gemma3", True)]
@@ -270,6 +270,33 @@ def test_kv_cache_generation_equals_no_cache(tiny):
     batched = model.generate(prompts, max_new_tokens=15, eos_id=257, pad_id=257)
     for p, got in zip(prompts, batched):
         assert got == greedy_without_cache(model, p, 15, 257)
+
+
+def test_chat_continues_each_conversation_as_generate_would_on_the_whole_prompt(embedded):
+    """Three turns of conversations through one Chat: every reply equals generate() on the whole rendered
+    conversation alone, for a row that ended at eos or ran to the cap, continued, was cut part-way through
+    what it held, or is new, and with rows dropped. A turn that only continues computes only what it adds."""
+    model, tok = embedded
+    encode = lambda msgs: tok.encode(tok.render_text(msgs))
+    alone = lambda msgs: model.generate([encode(msgs)], 8, eos_id=tok.eos_id, pad_id=tok.pad_id)[0]
+    convs = [[{"role": "user", "content": q}] for q in
+             ("What is 2 + 2? Answer with the number only.", "Write a long poem about the sea.",
+              "Name a primary colour.")]
+    chat, ended, capped = Chat(model, eos_id=tok.eos_id, pad_id=tok.pad_id), 0, 0
+    for turn, rejection in enumerate(("No. Try again.", "Wrong, once more.", "Still not it.")):
+        before = chat.cache.pos if chat.cache is not None else 0
+        got = chat.generate([encode(m) for m in convs], 8)
+        for m, r in zip(convs, got):
+            assert r == alone(m)
+            ended, capped = ended + (r[-1] == tok.eos_id), capped + (r[-1] != tok.eos_id)
+        if turn == 2:   # every row continued: only the new user turn and the reply went through the model
+            assert chat.cache.pos - before < 30 + 8
+        grown = [m + [{"role": "assistant", "content": tok.decode(r[:-1] if r[-1] == tok.eos_id else r)},
+                      {"role": "user", "content": rejection}] for m, r in zip(convs, got)]
+        rewritten = convs[0] + [{"role": "assistant", "content": "5"}, {"role": "user", "content": "Hm?"}]
+        convs = ([grown[2], rewritten, [{"role": "user", "content": "Say hello."}], grown[1]] if turn == 0
+                 else grown[:3])
+    assert ended and capped
 
 
 def test_sampling_is_seeded(tiny):
