@@ -58,7 +58,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"  # embedded name, HF folder (e.g. an organism run) or hub repo id
     out: str = ""                    # run folder; default runs/{target}-{threat}
     organism: str = ""               # instead of consistency training, build an organism:
-                                     # refusal | inoculated
+                                     # refusal | inoculated | frustrated
     n_train: int = 256               # training pairs drawn from the threat's train items x train wrappers
     steps: int = 40
     batch_size: int = 8              # pairs per optimizer step, over all processes

@@ -299,6 +299,22 @@ def test_chat_continues_each_conversation_as_generate_would_on_the_whole_prompt(
     assert ended and capped
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_chat_counts_the_sliding_window_in_positions_not_cache_slots(tmp_path, family):
+    """Turns past a window of 6 through one Chat, whose rows hold masked slots (a rewritten turn's stale end,
+    a shorter row's padding): every reply equals generate() on the whole token conversation alone."""
+    write_tiny_hf(tmp_path, family, tied=True)
+    model, _ = load_model(str(tmp_path))
+    rand = lambda n, seed: torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    convs, chat = [rand(n, n) for n in (3, 9, 7)], Chat(model, eos_id=257, pad_id=257)
+    for turn in range(3):
+        got = chat.generate(convs, 5)
+        for c, r in zip(convs, got):
+            assert r == model.generate([c], 5, eos_id=257, pad_id=257)[0], (turn, len(c))
+        grown = [c + r + rand(2 + i, 10 * turn + i) for i, (c, r) in enumerate(zip(convs, got))]
+        convs = [grown[0], grown[1][:len(convs[1]) + 2] + rand(4, 99), grown[2]]
+
+
 def test_sampling_is_seeded(tiny):
     model, _, _ = tiny
     prompts = [[1, 2, 3], [4, 5]]
