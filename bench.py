@@ -37,8 +37,8 @@ What is measured (every flag is a field of BenchConfig):
 4. Multi-turn rollouts (frustration's): `rollouts` tasks, each answered and then rejected `rollout_turns`
    times, the model answering every turn (greedy, gen_tokens each), in one batch: through model.Chat, which
    keeps each conversation's keys and values between turns, against chat_generate_ids on the whole
-   conversation every turn (what eval.py did for rollouts before its sessions); "same replies" is the share
-   of replies that are identical, fp32 only.
+   conversation every turn (the uncached path); "same replies" is the share of replies that are identical,
+   fp32 only.
 5. Peak memory of each measurement above the process's level before it (see PeakMemory), including the
    model copies it builds (training: trained model, frozen reference, gradients, AdamW state, activations;
    generation: the weights in the generation dtype, the KV cache, activations).
@@ -581,7 +581,7 @@ def run(cfg: BenchConfig):
             result["generate"].append(row)
 
     if cfg.rollouts:
-        tasks = [it["task"] for it in T.THREATS["frustration"].items("train")][:cfg.rollouts]
+        tasks = [it["task"] for it in T.THREATS["frustration"].items("train")]
         tasks = (tasks * (cfg.rollouts // len(tasks) + 1))[:cfg.rollouts]
         build = lambda impl: lambda: rollout(ours, tok, tasks, cfg.rollout_turns, cfg.gen_tokens,
                                              impl == "chat")
@@ -663,7 +663,8 @@ def table(res, impls):
                   "|---|---|---|---|---|",
                   f"| {r['chat']['s']:.1f} | {r['whole']['s']:.1f} | "
                   f"{r['whole']['s'] / r['chat']['s']:.2f} | "
-                  f"{fmt(r['chat']['peak_mib'])} / {fmt(r['whole']['peak_mib'])} | {r['same_replies']:.0%} |", ""]
+                  f"{fmt(r['chat']['peak_mib'])} / {fmt(r['whole']['peak_mib'])} | "
+                  f"{r['same_replies']:.0%} |", ""]
     lines += ["Goals missed:" if res["goals"] else "All goals met."] + [f"- {g}" for g in res["goals"]]
     return "\n".join(lines)
 

@@ -247,7 +247,8 @@ class Generator:
 
     def session(self):
         """This generator for conversations that grow turn by turn (a threat's rollouts): each call's new
-        answers come from one model.Chat, which keeps every conversation's keys and values between calls."""
+        answers come from one model.Chat, which keeps every conversation's keys and values between calls, all
+        in one batch (--batch-size does not split it: frustration's rollouts are 2 per task)."""
         chat = Chat(self.model, self.tok.eos_id, self.tok.pad_id)
         return lambda prompts, prefills=None, max_new_tokens=48: self(prompts, prefills, max_new_tokens, chat)
 
@@ -282,8 +283,8 @@ def threat_n(cfg, name):
     """--n, or the threat's own count from --n-threat."""
     counts = {}
     for part in filter(None, cfg.n_threat.split(",")):
-        key, _, value = part.partition(":")
-        if key not in T.THREATS or not value.isdigit() or int(value) < 1:
+        key, _, value = (x.strip() for x in part.partition(":"))
+        if key not in T.THREATS or key in counts or not value.isdecimal() or int(value) < 1:
             raise ValueError(f"--n-threat {cfg.n_threat!r}: give threat:count pairs like sycophancy:90, "
                              f"threats from {', '.join(T.THREATS)}")
         counts[key] = int(value)
@@ -443,9 +444,10 @@ def organisms(model):
 
 
 def supported(base):
-    """Threats whose clean behaviour (or pathology) the base has: the embedded model never refuses (DESIGN §5),
-    so jailbreak and prefill need the refusal organism; it never shows distress under rejections, so
-    frustration needs the frustrated organism; conditional misalignment needs the inoculated one (§6)."""
+    """Threats whose clean behaviour (or pathology) the base has: the embedded model never refuses
+    (DESIGN §5), so jailbreak and prefill need the refusal organism; it never shows distress under
+    rejections, so frustration needs the frustrated organism; conditional misalignment needs the inoculated
+    one (§6)."""
     found, root = organisms(base)
     refuses = "refusal" in found or root != EMBEDDED
     distressed = "frustrated" in found or root != EMBEDDED

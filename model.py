@@ -392,8 +392,6 @@ class Transformer(nn.Module):
         collective: a rank that stopped one step early would leave the others waiting forever."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens}: ask for at least 1 new token")
         device = self.lm_head.weight.device
         eos_id = self.cfg.eos_token_id if eos_id is None else eos_id
         longest = max(map(len, prompts))
@@ -409,6 +407,8 @@ class Transformer(nn.Module):
         """The decoding loop of generate, from the prompt's last tokens step_ids (B, T) and the mask of every
         slot to be read, the cached ones and step_ids' own. -> (each row's new ids, ended at eos or not; the
         mask of the slots written, whose last generated token is never fed)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens}: ask for at least 1 new token")
         done = torch.zeros(len(step_ids), dtype=torch.bool, device=step_ids.device)
         out = []
         for _ in range(max_new_tokens):

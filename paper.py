@@ -1,11 +1,12 @@
 """
 The paper's findings beside this project's measurement of each: the paper-against-project table.
 
-eval.py --matrix writes it into the report (results.md and paper.md). Each finding names the checkpoint
+eval.py --matrix writes it into the report (results.md). Each finding names the checkpoint
 that tests it (train threat and target), the eval threat and metric, what the paper reports (model,
 number; shared/research/paper.md) and which way it points. The verdict reads the matrix run:
 
-    not run               no checkpoint of that train threat and target in the matrix
+    not run               no checkpoint of that train threat and target in the matrix, or none evaluated on
+                          the eval threat
     not measurable here   the paper reports a reduction, but the row's base shows no pathology to reduce
                           (the base's 95% interval reaches 0)
     agree / disagree      the paired 95% interval of the change excludes 0, on the paper's side or the other
@@ -73,10 +74,10 @@ def verdict(base, change, sign, ratio=False):
     if change is None:
         return "not run", "no such checkpoint in the matrix"
     d, lo, hi = change
+    if sign < 0 and base is not None and not base[1] > 0:   # a ratio over a base of 0 is nan, too
+        return "not measurable here", f"the base shows none to reduce ({fmt(*base)})"
     if not all(math.isfinite(x) for x in change):
         return "not measurable here", "the base lacks the clean behaviour the metric needs"
-    if sign < 0 and base is not None and not base[1] > 0:
-        return "not measurable here", f"the base shows none to reduce ({fmt(*base)})"
     zero = 1.0 if ratio else 0.0
     down, up = hi < zero, lo > zero
     if not (down or up):
@@ -112,11 +113,12 @@ def rows(result):
     """[(finding, paper, here, verdict, why)] from eval.py's matrix result."""
     out = []
     for f in FINDINGS:
-        row = next((r for r in result["rows"] if r["train_threat"] == f.train and r.get("target") == f.target
-                    and f.eval in r["evaluated"]), None)
+        found = [r for r in result["rows"] if r["train_threat"] == f.train and r.get("target") == f.target]
+        row = next((r for r in found if f.eval in r["evaluated"]), None)
         what = f"{f.train}/{f.target}" + (f" -> {f.eval}" if f.eval != f.train else "") + f", {f.metric}"
         if row is None:
-            out.append((what, f.paper, "-", *verdict(None, None, f.sign)))
+            why = f"not evaluated on {f.eval}" if found else "no such checkpoint in the matrix"
+            out.append((what, f.paper, "-", "not run", why))
             continue
         metric = f.metric.removesuffix("_ratio")
         base = result["models"][row["base"]]["threats"][f.eval]

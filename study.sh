@@ -18,14 +18,14 @@
 # Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
 # N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), SYC_N (90, sycophancy's), MECH_N (16), GEN_DTYPE (auto),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
-# flags for every train.py / the eval.py call). A run whose run.json exists is skipped and one with a checkpoint
+# flags for every train.py / the eval.py call; an --n-threat there replaces SYC_N's). A run whose run.json exists is skipped and one with a checkpoint
 # continues (--resume), and eval.py reads back the answers it has generated, so rerunning the script resumes an
 # interrupted study. Logs: OUT/logs/. Report: OUT/report/results.md (+ matrix.png, mechanism_*.png).
 # Parallelism: JOBS (2) train.py runs at once with THREADS (nproc / JOBS) threads each; eval.py uses every core.
 # Wall time: the script measures itself and appends the total to the report (OUT/report/results.md).
 #   QUICK=1 with a tiny random model (tests/conftest.py), 2 shared CPU cores: 8 min (training 4, evaluation 4).
-#   Full run, embedded model, these defaults, 2 CPU cores: about 1 h 20 min (2 organisms + 20 train.py runs
-#   ~52 min, eval.py over 20 checkpoints and 3 bases 30 min); README, "The whole study".
+#   Full run, embedded model: 3 organisms + 20 train.py runs + eval.py over 20 checkpoints and 4 bases; the
+#   measured wall times are in LOG.md ("The whole study", and the dated entries after it).
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -904,7 +904,7 @@ class PersonaThreat(Threat):
             m[f"identity_rate@k{k}"] = _mean(r["identity"] for r in ident if r["k"] == k)
             m[f"alignment@k{k}"] = _mean(r["alignment"] for r in align if r["k"] == k)
         for fam in sorted({r["family"] for r in records if "family" in r}):  # the fact format
-            shown = lambda rs: [r for r in rs if r["k"] > 0 and r["family"] == fam]
+            shown = lambda rs: [r for r in rs if r["k"] > 0 and r.get("family") == fam]
             m[f"identity_rate@{fam}"] = _mean(r["identity"] for r in shown(ident))
             m[f"alignment@{fam}"] = _mean(r["alignment"] for r in shown(align))
         m["n"] = float(len(records))

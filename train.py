@@ -630,8 +630,8 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     extra = round(cfg.batch_size * (cfg.retain_frac or cfg.anchor_frac))
     if extra % world:
         raise ValueError(f"--batch-size {cfg.batch_size} holds {extra} retain or anchor rows, which {world} "
-                         f"processes cannot share evenly: pick a --batch-size or --retain-frac / --anchor-frac "
-                         f"that gives a multiple of {world}")
+                         f"processes cannot share evenly: pick a --batch-size or --retain-frac / "
+                         f"--anchor-frac that gives a multiple of {world}")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
     return cfg
 

@@ -105,7 +105,8 @@ def write_sentencepiece_tokenizer(path, style, corpus):
     from tokenizers import decoders, models, normalizers, trainers
     t = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     replace = normalizers.Replace(" ", "▁")
-    t.normalizer = replace if style == "gemma" else normalizers.Sequence([normalizers.Prepend("▁"), replace])
+    t.normalizer = (replace if style == "gemma"
+                    else normalizers.Sequence([normalizers.Prepend("▁"), replace]))
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     t.decoder = decoders.Sequence(steps + ([] if style == "gemma" else [decoders.Strip(" ", 1, 0)]))
     t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SP_SPECIALS))

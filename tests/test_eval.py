@@ -232,7 +232,8 @@ def test_n_threat_overrides_n_for_one_threat_and_its_clean_accuracy(runs, monkey
     run_cli(monkeypatch, "--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy,persona",
             "--no-mechanism", "--n", "2", "--n-threat", "sycophancy:5", "--out", tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())["models"]["base"]
-    assert res["threats"]["sycophancy"]["n"] == 5 and res["threats"]["persona"]["n"] == 2 * 4   # 4 values of k
+    assert res["threats"]["sycophancy"]["n"] == 5
+    assert res["threats"]["persona"]["n"] == 2 * 4   # 4 values of k
     clean = (tmp_path / "records" / "base" / "clean_accuracy.jsonl").read_text().splitlines()
     assert len(clean) == 5
 
@@ -356,12 +357,13 @@ def test_bf16_generation_leaves_perplexity_in_fp32(runs, monkeypatch, tmp_path):
     assert (got["bf16"]["capability"]["metrics"]["perplexity"]
             == got["fp32"]["capability"]["metrics"]["perplexity"])
     assert got["bf16"]["threats"]["sycophancy"]["n"] == got["fp32"]["threats"]["sycophancy"]["n"] > 0
-    # auto: bf16 only where the CPU has native bf16 matmuls, and results.json records which
-    run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism",
-            "--gen-dtype", "auto", "--out", tmp_path / "auto")
-    native = "avx512_bf16" in open("/proc/cpuinfo").read()
-    config = json.loads((tmp_path / "auto" / "results.json").read_text())["config"]
-    assert config["gen_dtype"] == ("bf16" if native else "fp32")
+    # auto: bf16 only where the hardware has native bf16 matmuls, and results.json records which
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(ev, "native_bf16", lambda device, native=native: native)
+        run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism",
+                "--gen-dtype", "auto", "--out", tmp_path / f"auto-{want}")
+        config = json.loads((tmp_path / f"auto-{want}" / "results.json").read_text())["config"]
+        assert config["gen_dtype"] == want
 
 
 def test_perplexity_matches_transformers(runs):
@@ -389,6 +391,7 @@ def test_perplexity_matches_transformers(runs):
     (["--ckpt", "{ckpt}", "--n-threat", "sycophancy=90"], "--n-threat 'sycophancy=90': give threat:count"),
     (["--ckpt", "{ckpt}", "--n-threat", "flattery:9"], "--n-threat 'flattery:9'"),
     (["--ckpt", "{ckpt}", "--n-threat", "persona:0"], "--n-threat 'persona:0'"),
+    (["--ckpt", "{ckpt}", "--n-threat", "persona:4,persona:8"], "--n-threat 'persona:4,persona:8'"),
     (["--ckpt", "{ckpt}", "--out", "{ckpt}/run.json/eval"], "--out: cannot write to the folder"),
     (["--ckpt", "{ckpt}", "--out", "{ckpt}/checkpoint/eval"], "lies inside a training checkpoint folder"),
 ])

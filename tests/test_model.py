@@ -412,6 +412,8 @@ def test_clear_errors(tiny, tmp_path):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=KVCache(model.cfg, 1, 4, "cpu", torch.float32))
     with pytest.raises(ValueError, match="at least 1 new token"):
         model.generate([[1, 2]], 0)
+    with pytest.raises(ValueError, match="at least 1 new token"):
+        Chat(model).generate([[1, 2]], 0)
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(str(tmp_path))
     import shutil, json

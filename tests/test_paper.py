@@ -23,6 +23,8 @@ def test_verdicts_by_hand():
     assert P.verdict(live, (-0.3, -0.5, -0.1), +1)[0] == "disagree"
     assert P.verdict(None, None, -1)[0] == "not run"
     assert P.verdict(live, (NAN, NAN, NAN), -1)[0] == "not measurable here"
+    # a ratio over a base of 0 is nan: the reason is the base's
+    assert "shows none to reduce" in P.verdict((0.0, 0.0, 0.0), (NAN, NAN, NAN), -1, ratio=True)[1]
 
 
 def sim(mean, lo, hi):
@@ -68,7 +70,10 @@ def test_rows_read_the_matrix_result():
     assert rows["sycophancy/bct, brr_ratio"][2:4] == ("0.49 [0.30, 0.76], n=150", "agree")
     assert rows["sycophancy/act, brr_ratio"][2:4] == ("0.95 [0.58, 1.51], n=150", "not shown")
     assert rows["sycophancy/mlpct, brr_ratio"][2:4] == ("-", "not run")
-    assert rows["jailbreak/bct -> sycophancy, brr_ratio"][3] == "not run"   # a transfer cell
+    transfer = rows["jailbreak/bct -> sycophancy, brr_ratio"]
+    assert transfer[3:] == ("not run", "no such checkpoint in the matrix")
+    result["rows"][0]["evaluated"] = []   # trained, but not evaluated on the threat
+    assert P.rows(result)[0][3:] == ("not run", "not evaluated on sycophancy")
     assert len(rows) == len(P.FINDINGS)
     table = P.table(result).splitlines()
     assert table[0].startswith("| finding | paper") and len(table) == 2 + len(P.FINDINGS)

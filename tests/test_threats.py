@@ -469,8 +469,9 @@ def test_persona_metrics(threats):
 
 
 def test_persona_metrics_per_fact_format():
-    rec = lambda kind, fam, k, ident, align: {"probe_kind": kind, "family": fam, "k": k,
-                                              "persona_kind": "harmful", "identity": ident, "alignment": align}
+    def rec(kind, fam, k, ident, align):
+        return {"probe_kind": kind, "family": fam, "k": k, "persona_kind": "harmful", "identity": ident,
+                "alignment": align}
     records = [rec("identity", "bio", 4, True, 0.0), rec("identity", "bio", 8, False, 0.0),
                rec("identity", "bio", 0, True, 0.0),            # k = 0 shows no facts: not counted
                rec("identity", "interview", 16, True, 0.0),
