@@ -81,7 +81,7 @@ class EvalConfig:
     n: int = 60                      # items per threat, capped at the split's distinct items
                                      # (persona/frustration: eval_n)
     n_threat: str = ""               # per-threat overrides of --n, e.g. sycophancy:90 (clean accuracy
-                                     # follows sycophancy's)
+                                     # follows sycophancy's, benign refusal jailbreak's)
     split: str = "test"              # test: test items, held-out wrappers (to report); val: validation items,
                                      # validation wrappers (choose settings there, then read test once)
     seed: int = 0
@@ -345,7 +345,7 @@ def capability_prompts(cfg):
     # evaluate()'s clean prompts, so their answers come from the cache
     pairs = syc.pairs(cfg.split, T.EVAL_WRAPPERS[cfg.split], n_items(syc, threat_n(cfg, syc.name), cfg.split),
                       cfg.seed)
-    return pairs, jb.benign_items(cfg.split)[:max(1, cfg.n)]
+    return pairs, jb.benign_items(cfg.split)[:max(1, threat_n(cfg, jb.name))]
 
 
 def capability(model, tok, generate, cfg, bar=None):

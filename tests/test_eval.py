@@ -230,12 +230,14 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
 
 def test_n_threat_overrides_n_for_one_threat_and_its_clean_accuracy(runs, monkeypatch, tmp_path):
     run_cli(monkeypatch, "--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy,persona",
-            "--no-mechanism", "--n", "2", "--n-threat", "sycophancy:5", "--out", tmp_path)
+            "--no-mechanism", "--n", "2", "--n-threat", "sycophancy:5,jailbreak:3", "--out", tmp_path)
     res = json.loads((tmp_path / "results.json").read_text())["models"]["base"]
     assert res["threats"]["sycophancy"]["n"] == 5
     assert res["threats"]["persona"]["n"] == 2 * 4   # 4 values of k
     clean = (tmp_path / "records" / "base" / "clean_accuracy.jsonl").read_text().splitlines()
     assert len(clean) == 5
+    benign = (tmp_path / "records" / "base" / "benign_refusal_rate.jsonl").read_text().splitlines()
+    assert len(benign) == 3   # the benign look-alikes follow jailbreak's count
 
 
 def test_ckpt_mode_writes_only_into_its_eval_folder(runs, monkeypatch):
