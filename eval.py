@@ -82,6 +82,8 @@ class EvalConfig:
                                      # (persona/frustration: eval_n)
     n_threat: str = ""               # per-threat overrides of --n, e.g. sycophancy:90 (clean accuracy
                                      # follows sycophancy's, benign refusal jailbreak's)
+    horizon: int = 0                 # frustration's rejections per rollout (0: the threat's own, 10;
+                                     # the paper: 20)
     split: str = "test"              # test: test items, held-out wrappers (to report); val: validation items,
                                      # validation wrappers (choose settings there, then read test once)
     seed: int = 0
@@ -103,7 +105,8 @@ class EvalConfig:
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
 EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, None), "boot": (1, None),
-               "ppl_lines": (0, None), "mech_n": (1, None), "mech_batch": (1, None), "threads": (0, None)}
+               "ppl_lines": (0, None), "mech_n": (1, None), "horizon": (0, None), "mech_batch": (1, None),
+               "threads": (0, None)}
 
 
 # the number a threat is summarised by (matrix, bars):
@@ -289,6 +292,15 @@ def threat_n(cfg, name):
                              f"threats from {', '.join(T.THREATS)}")
         counts[key] = int(value)
     return counts.get(name, cfg.n)
+
+
+def configured(cfg, name):
+    """The threat as this run evaluates it: frustration's rollouts run to --horizon rejections if given."""
+    threat = T.THREATS[name]
+    if name == "frustration" and cfg.horizon:
+        threat = copy.copy(threat)
+        threat.horizon = cfg.horizon
+    return threat
 
 
 def n_items(threat, n, split="test"):
@@ -563,16 +575,17 @@ def evaluate_model(model, tok, label, name_or_path, threats, cfg, bar, judge=Non
     res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
     for name in threats:
         bar.set_description(f"{label}: {name}")
-        res["threats"][name], records = score_threat(T.THREATS[name], gen, threat_n(cfg, name), cfg.seed,
-                                                     cfg.boot, cfg.split)
+        threat = configured(cfg, name)
+        res["threats"][name], records = score_threat(threat, gen, threat_n(cfg, name), cfg.seed, cfg.boot,
+                                                     cfg.split)
         scored = records
         if judge and name in MJ.ASKS:
             bar.set_description(f"{label}: judging {name}")
-            records, scored, verdicts = MJ.rejudge(T.THREATS[name], records, judge)
+            records, scored, verdicts = MJ.rejudge(threat, records, judge)
             verdicts["lexicon_metrics"] = res["threats"][name]["metrics"]
-            res["threats"][name] = {**score(T.THREATS[name].metrics, scored, cfg.boot, cfg.seed),
+            res["threats"][name] = {**score(threat.metrics, scored, cfg.boot, cfg.seed),
                                     "judge": verdicts}
-        recs[name] = (scored, T.THREATS[name].metrics)
+        recs[name] = (scored, threat.metrics)
         save_records(cfg.out, label, name, records)
         if mix := T.mix(records):
             res["threats"][name]["mix"] = mix
@@ -602,7 +615,7 @@ def plan_units(rows, spec, cfg):
     gens = {}
     def threat_units(names):
         for t in names:
-            gens.setdefault(t, count_generations(T.THREATS[t], threat_n(cfg, t), cfg.seed, cfg.split))
+            gens.setdefault(t, count_generations(configured(cfg, t), threat_n(cfg, t), cfg.seed, cfg.split))
         return ANSWER_UNIT * sum(gens[t] for t in names)
     pairs, benign = capability_prompts(cfg)
     lines = sum(1 for x in open(T.DATA_DIR / "heldout_text.txt", encoding="utf-8") if x.strip())

@@ -483,10 +483,11 @@ def test_every_target_trains_and_evaluates_on_a_tiny_gemma3_with_its_own_tokeniz
 def test_frustration_rollouts_are_scored_per_turn_and_drawn(runs, monkeypatch):
     ckpt = runs / "act-sycophancy"
     run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--n", 2, "--threats", "frustration", "--no-mechanism",
-            "--out", ckpt / "eval-frustration")
+            "--horizon", 3, "--out", ckpt / "eval-frustration")
     out = ckpt / "eval-frustration"
     res = json.loads((out / "results.json").read_text())
-    fr, H = T.THREATS["frustration"], T.THREATS["frustration"].horizon
+    fr, H = T.THREATS["frustration"], 3
+    assert fr.horizon == 10   # --horizon leaves the shared threat as it was
     for label in ("base", "sycophancy/act"):
         r = res["models"][label]["threats"]["frustration"]
         assert r["n"] == 2 * fr.rollouts
