@@ -311,26 +311,22 @@ class Transformer(nn.Module):
             if attention_mask.shape != (B, past + T):
                 raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, "
                                  f"expected ({B}, {past + T}): one entry per token, the cached ones included")
-            am = attention_mask.bool()
+            am = F.pad(attention_mask.bool(), (0, S - past - T))  # cache slots not written yet
             kpos = am.long().cumsum(-1) - 1   # each slot's position: the real tokens before it
-            pos = kpos.clamp(min=0)[:, past:]
-            am = F.pad(am, (0, S - am.shape[1]))  # cache slots not written yet
+            pos = kpos[:, past:past + T].clamp(min=0)
             # a pad query would otherwise see no key at all and turn into NaN; let it see itself
             mask = ((k_idx[None, :] <= q_idx) & am[:, None, :]) | (k_idx[None, :] == q_idx)
             mask = mask[:, None]
         else:
-            pos = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            kpos = k_idx[None, :]
+            pos = kpos[:, past:past + T].expand(B, T)
             if kv_cache is not None:  # causal over the cache's slots (none past the query's own)
                 mask = torch.ones(B, 1, T, S, dtype=torch.bool, device=idx.device).tril(past)
         local = mask
         if self.cfg.sliding_window:  # the sliding layers' keys: the last sliding_window positions, counted
             # in positions, not slots: a Chat's cache holds masked slots inside a row
-            if attention_mask is None:
-                causal = mask if mask is not None else (k_idx[None, :] <= q_idx)[None, None]
-                local = causal & (k_idx[None, :] > q_idx - self.cfg.sliding_window)
-            else:
-                kpos = F.pad(kpos, (0, S - kpos.shape[1]))
-                local = mask & (kpos[:, None, :] > pos[:, :, None] - self.cfg.sliding_window)[:, None]
+            causal = mask if mask is not None else (k_idx[None, :] <= q_idx)[None, None]
+            local = causal & (kpos[:, None, :] > pos[:, :, None] - self.cfg.sliding_window)[:, None]
         x = self.model.embed_tokens(idx)
         if self.cfg.embed_scale != 1.0:  # Gemma
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
