@@ -5,6 +5,7 @@
 #   ./study.sh                                       # embedded SmolLM2-135M-Instruct on the CPU -> runs/study/
 #   QUICK=1 OUT=runs/quick ./study.sh                # 2 steps and a few items per run: checks the pipeline
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct OUT=runs/qwen ./study.sh
+#   THREATS=jailbreak,persona ./study.sh             # some threats: their organisms, runs and matrix rows
 #
 # What is trained (DESIGN §4-6):
 #   sycophancy, persona                bct act mlpct attct, from MODEL
@@ -15,7 +16,7 @@
 #                                      embedded model (which never refuses) the `refusal` organism
 #   prefill                            bct prefill only (mlpct and attct get no signal there), from the same
 #   conditional                        bct act mlpct attct, from the `inoculated` organism
-# Settings (environment): MODEL, OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
+# Settings (environment): MODEL, THREATS (all six; a comma list trains and evaluates those), OUT (runs/study), STEPS (40, train steps per run), ORGANISM_STEPS (STEPS), ORGANISM_LR (1e-4),
 # N_TRAIN (256), BATCH_SIZE (8), LR (train.py's default), EVAL_N (30, items per threat), SYC_N (90, sycophancy's), MECH_N (16), GEN_DTYPE (auto),
 # REFUSAL_ORGANISM (auto: only for the embedded model; 1 or 0 to force), TRAIN_FLAGS / EVAL_FLAGS (extra
 # flags for every train.py / the eval.py call; an --n-threat there replaces SYC_N's). A run whose run.json exists is skipped and one with a checkpoint
@@ -30,6 +31,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-smollm2-135m-instruct}
+THREATS=${THREATS:-sycophancy,persona,frustration,jailbreak,prefill,conditional}
+for t in ${THREATS//,/ }; do
+    case $t in sycophancy|persona|frustration|jailbreak|prefill|conditional) ;;
+        *) echo "THREATS=$THREATS: unknown threat '$t'; give a comma list of sycophancy,persona,frustration,jailbreak,prefill,conditional"; exit 2 ;;
+    esac
+done
 OUT=${OUT:-runs/study}
 if [[ -n "${QUICK:-}" ]]; then
     STEPS=${STEPS:-2}; N_TRAIN=${N_TRAIN:-8}; BATCH_SIZE=${BATCH_SIZE:-2}; EVAL_N=${EVAL_N:-4}; MECH_N=${MECH_N:-4}
@@ -72,36 +79,42 @@ train() {  # train NAME FLAGS...: one train.py run into OUT/NAME in the backgrou
 drain() { while [[ -n $(jobs -rp) ]]; do wait -n; done; }
 t_train=$SECONDS
 
-echo "== organisms ($MODEL)"
+has() { [[ ",$THREATS," == *",$1,"* ]]; }
+echo "== organisms ($MODEL) and the runs from it"
 REFUSER=$MODEL
-if [[ $REFUSAL_ORGANISM == 1 ]]; then
+if [[ $REFUSAL_ORGANISM == 1 ]] && { has jailbreak || has prefill; }; then
     train organisms/refusal --organism refusal --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
     REFUSER=$OUT/organisms/refusal
 fi
-train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
-train organisms/frustrated --organism frustrated --model "$MODEL" $TRAIN --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
-drain  # the runs below start from the organisms
-
-echo "== consistency training"
-for threat in sycophancy persona frustration jailbreak prefill conditional; do
-    case $threat in
-        jailbreak) base=$REFUSER; targets="bct act mlpct attct" ;;
-        prefill) base=$REFUSER; targets="bct prefill" ;;
-        conditional) base=$OUT/organisms/inoculated; targets="bct act mlpct attct" ;;
-        frustration) base=$OUT/organisms/frustrated; targets="bct act" ;;   # no mlpct/attct signal: see above
-        *) base=$MODEL; targets="bct act mlpct attct" ;;
-    esac
-    for target in $targets; do
-        train "runs/$target-$threat" --target "$target" --threat "$threat" --model "$base" $TRAIN
+has conditional && train organisms/inoculated --organism inoculated --model "$MODEL" $TRAIN \
+    --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
+has frustration && train organisms/frustrated --organism frustrated --model "$MODEL" $TRAIN \
+    --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
+run_threats() {  # run_threats THREAT...: every target of each selected threat, from that threat's base
+    for threat in "$@"; do
+        has "$threat" || continue
+        case $threat in
+            jailbreak) base=$REFUSER; targets="bct act mlpct attct" ;;
+            prefill) base=$REFUSER; targets="bct prefill" ;;
+            conditional) base=$OUT/organisms/inoculated; targets="bct act mlpct attct" ;;
+            frustration) base=$OUT/organisms/frustrated; targets="bct act" ;;   # no mlpct/attct signal: above
+            *) base=$MODEL; targets="bct act mlpct attct" ;;
+        esac
+        for target in $targets; do
+            train "runs/$target-$threat" --target "$target" --threat "$threat" --model "$base" $TRAIN
+        done
     done
-done
-
+}
+run_threats sycophancy persona   # from MODEL: these share the cores with the organisms
+drain                            # the runs below start from the organisms
+run_threats frustration jailbreak prefill conditional
 drain
 train_time=$((SECONDS - t_train))
 
 echo "== evaluation: matrix, mechanism, report"
+runs=(); for threat in ${THREATS//,/ }; do runs+=("$OUT"/runs/*-"$threat"); done
 t0=$SECONDS
-python eval.py --matrix "$OUT"/runs/* --out "$OUT/report" --n "$EVAL_N" --n-threat "sycophancy:$SYC_N" \
+python eval.py --matrix "${runs[@]}" --out "$OUT/report" --n "$EVAL_N" --n-threat "sycophancy:$SYC_N" \
     --mech-n "$MECH_N" --gen-dtype "$GEN_DTYPE" ${QUICK_EVAL:-} \
     ${EVAL_FLAGS:-} 2>&1 | tee "$OUT/logs/eval.log"
 eval_time=$((SECONDS - t0))
