@@ -22,8 +22,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-# where a rank's rows begin (FSDP2 shards dim 0 as torch.chunk does, padding the last); DCP uses it too
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from model import Transformer, check_weights, hf_tensors, init_rope, load_gguf, locate
 from tokenizer import Tokenizer
@@ -60,6 +58,13 @@ def load(name: str, run, adapters=None, theta0=False) -> tuple[Transformer, Toke
     return init_rope(model, run.device).eval(), tok
 
 
+def own_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows [start, stop) of a dim of n that FSDP2 gives this rank: it splits dim 0 as torch.chunk does,
+    ceil(n / world) rows a rank, so the last ranks hold fewer or none."""
+    size = -(-n // world)
+    return min(rank * size, n), min((rank + 1) * size, n)
+
+
 def own_rows(model, slices, device) -> dict:
     """The sharded model's state with this rank's rows of each weight read from the files; parameters that
     are not on the meta device (LoRA's adapters, made before sharding) keep their values."""
@@ -68,8 +73,8 @@ def own_rows(model, slices, device) -> dict:
         if p.device.type != "meta":
             state[name] = p
             continue
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        rows = slices[name][offset[0]:offset[0] + shape[0]].to(device=device, dtype=torch.float32)
+        start, stop = own_range(p.shape[0], p.device_mesh.get_local_rank(), p.device_mesh.size())
+        rows = slices[name][start:stop].to(device=device, dtype=torch.float32)
         # a Parameter, which load_state_dict assigns as it is: a plain tensor would be wrapped in a new
         # Parameter per name, and tied embeddings would become two parameters
         shard = DTensor.from_local(rows, p.device_mesh, p.placements, run_check=False, shape=p.shape,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import consistency as C
+import fsdp
 import threats as T
 import train
 from conftest import dies_at, write_tiny_hf
@@ -146,3 +147,13 @@ def test_fsdp_needs_torchrun_and_refuses_compile(tmp_path):
 
 if __name__ == "__main__":
     sharded_runs(json.loads(sys.argv[1]))
+
+
+def test_own_range_splits_rows_as_torch_chunk_does():
+    for n in (1, 2, 5, 7, 258):
+        for world in (1, 2, 3, 4, 8):
+            chunks = torch.arange(n).chunk(world)
+            for rank in range(world):
+                start, stop = fsdp.own_range(n, rank, world)
+                expected = chunks[rank].tolist() if rank < len(chunks) else []
+                assert list(range(start, stop)) == expected, (n, world, rank)
