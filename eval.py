@@ -512,6 +512,8 @@ def load_finite(path):
 
 def rows_from(cfg) -> list[Row]:
     paths = [cfg.ckpt] if cfg.ckpt else [p for p in re.split(r"[,\s]+", cfg.matrix) if p]
+    # a folder named twice is one row: a shell's brace expansion (runs/{a,b}-x,runs/{c,d}-y) repeats them
+    paths = list({os.path.realpath(p): p for p in paths}.values())
     rows = []
     for path in paths:
         if not os.path.isdir(path):

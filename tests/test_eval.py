@@ -328,6 +328,17 @@ def test_runs_of_one_target_and_threat_are_each_named_by_their_folder(tmp_path):
                                              "prefill/prefill (prefill-retain50)"]
 
 
+def test_a_folder_named_twice_is_one_row(tmp_path):
+    """What bash makes of runs/{a,b}-x,runs/{c,d}-y: four words, each folder twice."""
+    for name in ("a-x", "b-x", "c-y"):
+        (tmp_path / name).mkdir()
+        run = {"config": {"target": name[0], "threat": name[-1], "model": "smollm2-135m-instruct"}}
+        (tmp_path / name / "run.json").write_text(json.dumps(run))
+    words = [f"{tmp_path}/{a},{tmp_path}/{c}" for a in ("a-x", "b-x") for c in ("c-y", "c-y/")]
+    rows = ev.rows_from(ev.EvalConfig(matrix=",".join(words)))
+    assert sorted(r.label for r in rows) == ["x/a", "x/b", "y/c"]
+
+
 def test_two_bases_with_one_folder_name_keep_apart(tmp_path, monkeypatch):
     """Labels name a base by its folder and a checkpoint by its run (then its folder); two of either in
     folders of one name get labels, results and files of their own."""
