@@ -97,8 +97,8 @@ class Directions:
         keep = [i for i, a in enumerate(aligned) if a.suffix[0]]  # a prefill pair shares no suffix
         self.aligned, self.items = [aligned[i] for i in keep], [items[i] for i in keep]
         self.tok, self.batch_size = tok, batch_size
-        self.clean = suffix_residuals(base, tok, aligned, "c", batch_size)
-        self.wrapped = suffix_residuals(base, tok, aligned, "w", batch_size)
+        self.clean = suffix_residuals(base, tok, self.aligned, "c", batch_size)
+        self.wrapped = suffix_residuals(base, tok, self.aligned, "w", batch_size)
         self.moved = {}
 
     def add(self, label, model):

@@ -2,6 +2,7 @@
 shared suffix against transformers' hidden_states on a tiny random model."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -55,6 +56,18 @@ def test_a_model_that_did_not_move_has_no_direction_and_theta0s_distance(tiny):
     assert s["to_clean"]["same"]["all_layers"] == [None, None, None]
     assert s["distance"]["same"] == s["distance"]["base"]
     assert s["pairs"] == 3 and s["layers"] == model.cfg.n_layer
+
+
+def test_pairs_that_share_no_suffix_are_left_out(tiny):
+    """A prefill pair shares no suffix: among other pairs it is dropped, and the rest read as without it."""
+    model, tok, _, aligned = tiny
+    prefill = dataclasses.replace(aligned[0], suffix=([], []))
+    alone, mixed = D.Directions(model, tok, aligned, [0, 1, 2]), D.Directions(model, tok, [prefill, *aligned],
+                                                                               [3, 0, 1, 2])
+    for d in (alone, mixed):
+        d.add("same", copy.deepcopy(model))
+    a, m = alone.summary(n_boot=50), mixed.summary(n_boot=50)
+    assert m["pairs"] == 3 and m["distance"] == a["distance"]
 
 
 def test_directions_by_hand():
