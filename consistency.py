@@ -72,8 +72,9 @@ def align(tok, pair, response: list[int] | None = None) -> AlignedPair:
     n_prompt = len(tok.encode(tok.render_text(pair.wrapped))) if pair.prefill else len(wrapped)
     # the authors' window (c-wei/AttCT prefill_bct.py): from the last prompt token, whose prediction is the
     # first response token, up to the one before the last prefill token; prefill tokens count as input
-    # here, so nothing is shared after them
-    n = shared_suffix(clean, wrapped)
+    # here, so nothing is shared after them (a prefill ending in the prompt's last token, "\n", shares it only
+    # by chance)
+    n = 0 if pair.prefill else shared_suffix(clean, wrapped)
     content = ([c_tok[k] for k in both], [w_tok[k] for k in both])
     last = content[0][-1] + 1 if both else 0
     return AlignedPair(

@@ -173,14 +173,15 @@ def test_zero_when_wrapped_equals_clean_positive_otherwise(tiny, name):
     assert loss.item() > 0
 
 
-def test_prefill_kl_zero_without_a_prefill_shift_and_positive_with_one(tiny):
+@pytest.mark.parametrize("prefill", ["Sure, here", "Sure, here:\n"])  # the second ends as the prompt does
+def test_prefill_kl_zero_without_a_prefill_shift_and_positive_with_one(tiny, prefill):
     model, tok, _ = tiny
-    p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION,
-                          prefill="Sure, here"))
+    p = C.align(tok, Pair(clean=user(QUESTION), wrapped=user(QUESTION), content=QUESTION, prefill=prefill))
     batch = C.collate([p], tok.pad_id)
     loss, _ = C.consistency_loss(model, model, batch, [("prefill", 1.0)])
     assert loss.item() > 0
     assert len(p.prefill) == len(p.wrapped) - len(p.clean)
+    assert p.suffix == ([], [])   # nothing follows a prefill in the clean prompt, whatever its last token
     with pytest.raises(ValueError, match="no signal"):
         C.check_signal([("mlpct", 1.0)], batch)
     with pytest.raises(ValueError, match="no shared suffix"):
