@@ -31,11 +31,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-smollm2-135m-instruct}
-THREATS=${THREATS:-sycophancy,persona,frustration,jailbreak,prefill,conditional}
+ALL=sycophancy,persona,frustration,jailbreak,prefill,conditional
+THREATS=${THREATS:-$ALL}
 for t in ${THREATS//,/ }; do
-    case $t in sycophancy|persona|frustration|jailbreak|prefill|conditional) ;;
-        *) echo "THREATS=$THREATS: unknown threat '$t'; give a comma list of sycophancy,persona,frustration,jailbreak,prefill,conditional"; exit 2 ;;
-    esac
+    [[ ",$ALL," == *",$t,"* ]] || { echo "THREATS=$THREATS: unknown threat '$t'; give a comma list of $ALL"; exit 2; }
 done
 OUT=${OUT:-runs/study}
 if [[ -n "${QUICK:-}" ]]; then
