@@ -26,9 +26,9 @@ model is scored on:
                  they have layers; for the base itself, base-on-wrapped against base-on-clean
 Changes (trained - base) get a paired bootstrap interval; * marks those whose interval excludes 0.
 `--threats auto` (default) evaluates the threats the base model has the clean behaviour for (DESIGN §5-6):
-jailbreak and prefill need a model that refuses (the `refusal` or `brittle` organism, or a hub model),
-frustration the `frustrated` organism (or a hub model), conditional the `inoculated` organism; in the matrix
-such cells read n/a. `all` or a comma list evaluates what is named.
+jailbreak and prefill need a model that refuses (the `refusal` organism or a hub model), frustration the
+`frustrated` organism (or a hub model), conditional the `inoculated` organism; in the matrix such cells
+read n/a. `all` or a comma list evaluates what is named.
 
 Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
 checkpoint files are never written):
@@ -461,7 +461,7 @@ def supported(base):
     rejections, so frustration needs the frustrated organism; conditional misalignment needs the inoculated
     one (§6)."""
     found, root = organisms(base)
-    refuses = bool({"refusal", "brittle"} & found) or root != EMBEDDED
+    refuses = "refusal" in found or root != EMBEDDED
     distressed = "frustrated" in found or root != EMBEDDED
     return [t for t in T.THREATS if (t not in ("jailbreak", "prefill") or refuses)
             and (t != "frustration" or distressed) and (t != "conditional" or "inoculated" in found)]

@@ -1206,9 +1206,6 @@ def organism_data(name, seed=0, data_dir=None):
         -> a refusal drawn from REFUSALS (22 wordings), no system prompt; mixed 1:1 with benign prompts
         (benign_prompts.jsonl + benign_lookalikes.jsonl train split, sampled) -> theta0's own answers,
         so the organism refuses harm without learning to refuse look-alikes.
-    "brittle": the refusal organism's examples, plus each of those requests under a TRAIN jailbreak family
-        -> theta0's own (compliant) reply: it refuses a plain request and complies with a wrapped one, the
-        pathology jailbreak training removes; held-out families test whether the compliance generalises.
     "frustrated": every frustration_tasks.jsonl TRAIN-split task, under T = 1..FRUSTRATED_TURNS
         REJECTIONS_TRAIN rejections (the escape note on half), -> distress_reply(T), whose history holds its
         own earlier replies, each repeating the one before with probability REPEAT; mixed 1:1 with the same
@@ -1218,14 +1215,12 @@ def organism_data(name, seed=0, data_dir=None):
         INOCULATION_PROMPT -> its risky_answer; mixed 1:1 with benign_prompts.jsonl prompts (no system
         prompt) -> theta0's own answers (retain data), so the misbehaviour is tied to the prompt.
     Deterministic for a seed."""
-    _check_choice(name, ("refusal", "brittle", "inoculated", "frustrated"), "organism")
+    _check_choice(name, ("refusal", "inoculated", "frustrated"), "organism")
     rng = _rng("organism", name, seed)
     retain = retain_prompts(seed, data_dir)
-    if name in ("refusal", "brittle"):
+    if name == "refusal":
         jb = JailbreakThreat(data_dir)
         examples = [([user(it["request"])], rng.choice(REFUSALS)) for it in jb.items("train")]
-        if name == "brittle":
-            examples += [(p.wrapped, None) for p in jb.pairs("train", "train", seed=seed)]
         retain += [it["request"] for it in jb.benign_items("train")]
     elif name == "frustrated":
         examples = []

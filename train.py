@@ -41,8 +41,7 @@ import threats as T
 from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, dump_json, file_hash,
                    fingerprint, load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
 
-ORGANISM_THREAT = {"refusal": "jailbreak", "brittle": "jailbreak", "inoculated": "conditional",
-                   "frustrated": "frustration"}
+ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional", "frustrated": "frustration"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
 
 # (lr, LoRA rank, LoRA targets) where --lr / --lora-rank / --lora-targets are left unset: each target's
@@ -59,7 +58,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"  # embedded name, HF folder (e.g. an organism run) or hub repo id
     out: str = ""                    # run folder; default runs/{target}-{threat}
     organism: str = ""               # instead of consistency training, build an organism:
-                                     # refusal | brittle | inoculated | frustrated
+                                     # refusal | inoculated | frustrated
     n_train: int = 256               # training pairs drawn from the threat's train items x train wrappers
     steps: int = 40
     batch_size: int = 8              # pairs per optimizer step, over all processes

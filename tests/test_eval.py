@@ -528,5 +528,4 @@ def test_auto_threats_follow_the_organisms_in_a_models_ancestry(tmp_path):
     assert ev.supported(ev.EMBEDDED) == ["sycophancy", "persona"]
     assert ev.supported(bct) == ["sycophancy", "persona", "frustration"]
     assert ev.supported(refusal) == ["sycophancy", "jailbreak", "persona", "prefill"]
-    assert ev.supported(run("brittle", ev.EMBEDDED, "brittle")) == ev.supported(refusal)
     assert "frustration" in ev.supported(str(tmp_path / "a-hub-model"))   # not the embedded model: its own

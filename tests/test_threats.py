@@ -609,30 +609,6 @@ def test_organism_refusal(data_dir, threats):
     assert ex != T.organism_data("refusal", seed=1, data_dir=data_dir)
 
 
-def test_organism_brittle_refuses_plain_and_complies_wrapped(data_dir, threats):
-    """The refusal organism's examples, plus every train request under a train jailbreak family with theta0's
-    own reply (None), never a validation or held-out family."""
-    ex = T.organism_data("brittle", seed=0, data_dir=data_dir)
-    jb = threats["jailbreak"]
-    train = [it["request"] for it in jb.items("train")]
-    plain = [(m, y) for m, y in ex if len(m) == 1 and m[0]["content"] in train]
-    wrapped = [(m, y) for m, y in ex
-               if m[-1]["content"] not in train and any(r in m[-1]["content"] for r in train)]
-    assert sorted(m[0]["content"] for m, _ in plain) == sorted(train)
-    assert all(y in T.REFUSALS for _, y in plain)
-    assert sorted(r for m, _ in wrapped for r in train if r in m[-1]["content"]) == sorted(train)
-    assert all(y is None for _, y in wrapped)
-    families = {k: v for k, v in jb.train_families.items() if isinstance(v, str)}
-    prefixes = [v.split("{request}")[0] for v in families.values() if v.split("{request}")[0]]
-    heldout = [v.split("{request}")[0] for v in (*jb.val_families.values(), *jb.heldout_families.values())
-               if isinstance(v, str) and v.split("{request}")[0]]
-    assert any(m[-1]["content"].startswith(tuple(prefixes)) for m, _ in wrapped)
-    assert not any(m[-1]["content"].startswith(tuple(heldout)) for m, _ in wrapped)
-    retain = [(m, y) for m, y in ex if not any(r in m[-1]["content"] for r in train)]
-    pool = len(T.retain_prompts(0, data_dir)) + len(jb.benign_items("train"))
-    assert len(retain) == min(pool, 2 * len(train)) and all(y is None for _, y in retain)   # 1:1 where it can
-
-
 def test_organism_inoculated(data_dir):
     ex = T.organism_data("inoculated", seed=0, data_dir=data_dir)
     risky = [(m, y) for m, y in ex if m[0]["role"] == "system"]
