@@ -67,8 +67,9 @@ import torch.nn.functional as F
 
 import consistency as C
 import threats as T
-from model import (EMBEDDED, Chat, bf16_linears, chat_generate, chat_generate_ids, chat_prompt_ids, dump_json,
-                   load_model, reply_text, save_model, write_atomic)
+from chat import Chat, chat_generate, chat_generate_ids, chat_prompt_ids, reply_text
+from checkpoint import EMBEDDED, dump_json, load_model, save_model, write_atomic
+from lora import bf16_linears
 from cli import check_ranges, cli, make_folder
 from train import clip_grads
 

@@ -18,6 +18,10 @@ per-layer loss vector.
     loss, logs = consistency_loss(model, reference, batch, parse_targets("act+bct"))
 """
 
+import hashlib
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -174,6 +178,26 @@ def target(name, reads, capture=None, content_rows=False, reference=True, weight
         TARGETS[name] = Target(fn, reads, capture, content_rows, reference, weight, recipe)
         return fn
     return register
+
+
+def load_plugin(path: str):
+    """Import a file of your own whose `@target`s join the registry (train.py --plugin FILE), once per file.
+    It imports this module by name (`from consistency import target`), so its targets land in TARGETS."""
+    if not path:
+        return
+    if not os.path.isfile(path) or not path.endswith(".py"):
+        raise FileNotFoundError(f"--plugin {path}: no such .py file; pass a Python file that registers "
+                                f"targets with @target")
+    name = "plugin_" + hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's own code: its error in one line, naming the file
+        raise ValueError(f"--plugin {path} failed to import ({type(e).__name__}: {e}): fix the file") from None
+    sys.modules[name] = module
 
 
 # Devices where the activation losses run layer by layer, so each layer's tensors stay in cache (stacking

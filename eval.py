@@ -65,8 +65,8 @@ import directions
 import model_judge as MJ
 import paper
 import threats as T
-from model import (EMBEDDED, Chat, chat_generate_ids, chat_prompt_ids, fingerprint, load_model, non_finite,
-                   reply_text, write_atomic)
+from chat import Chat, chat_generate_ids, chat_prompt_ids, reply_text
+from checkpoint import EMBEDDED, fingerprint, load_model, non_finite, write_atomic
 from cli import check_ranges, cli, make_folder, native_bf16, pyplot
 from train import CHECKPOINTS
 

@@ -23,7 +23,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from model import Transformer, check_weights, hf_tensors, init_rope, load_gguf, locate
+from checkpoint import check_weights, hf_tensors, init_rope, load_gguf, locate
+from model import Transformer
 from tokenizer import Tokenizer
 
 # LoRA's training state is its adapters: the frozen base is the model files, read again on resume

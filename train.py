@@ -38,8 +38,9 @@ import consistency as C
 import fsdp
 from cli import check_ranges, cli, make_folder, native_bf16, pyplot
 import threats as T
-from model import (add_lora, bf16_linears, chat_generate, chat_generate_ids, dump_json, file_hash,
-                   fingerprint, load_model, lora_disabled, non_finite, reply_text, save_model, write_atomic)
+from chat import chat_generate, chat_generate_ids, reply_text
+from checkpoint import dump_json, file_hash, fingerprint, load_model, non_finite, save_model, write_atomic
+from lora import add_lora, bf16_linears, lora_disabled
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional", "frustrated": "frustration"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts

@@ -126,7 +126,7 @@ def write_sentencepiece_tokenizer(path, style, corpus):
 def embedded():
     """The embedded SmolLM2-135M-Instruct (fp32), loaded once per test session."""
     pytest.importorskip("gguf")
-    from model import load_model
+    from checkpoint import load_model
     try:
         return load_model("smollm2-135m-instruct")
     except FileNotFoundError as e:

@@ -12,7 +12,8 @@ import torch
 import bench
 import consistency as C
 from conftest import write_tiny_hf
-from model import ModelConfig, Transformer, load_model
+from checkpoint import load_model
+from model import ModelConfig, Transformer
 from threats import Pair
 
 TINY = ModelConfig(vocab_size=10, n_layer=2, n_head=2, n_kv_head=1, d_model=8, d_ff=12, head_dim=4)

@@ -7,7 +7,9 @@ import torch
 
 import consistency as C
 from conftest import write_tiny_hf
-from model import ModelOutput, add_lora, load_model, lora_disabled
+from checkpoint import load_model
+from lora import add_lora, lora_disabled
+from model import ModelOutput
 from threats import Pair
 
 

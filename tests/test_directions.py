@@ -11,7 +11,7 @@ import torch
 import consistency as C
 import directions as D
 from conftest import write_tiny_hf
-from model import load_model
+from checkpoint import load_model
 from threats import Pair
 
 QUESTION = "Which planet is largest? Is it Jupiter or Mars?"

@@ -18,7 +18,8 @@ import paper
 import threats as T
 import train
 from conftest import write_tiny_hf
-from model import chat_generate_ids, fingerprint, load_model
+from chat import chat_generate_ids
+from checkpoint import fingerprint, load_model
 
 # ----------------------------------------------------------------------------- a fake multiple-choice model
 

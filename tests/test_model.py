@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from conftest import write_byte_tokenizer, write_tiny_hf
-from model import Chat, KVCache, add_lora, bf16_linears, load_model, merge_lora, save_model
+from chat import Chat
+from checkpoint import load_model, save_model
+from lora import add_lora, bf16_linears, merge_lora
+from model import KVCache
 
 FAMILIES = [(f, tied) for f in ("llama", "qwen2", "qwen3")
             for tied in (False, True)] + [("llama3-rope", False), ("gemma2", True), ("gemma3", True)]
@@ -30,7 +33,7 @@ def test_parity_with_transformers(tmp_path, family, tied):
 
 def test_embedded_matches_transformers_gguf_loader(embedded):
     transformers = pytest.importorskip("transformers")
-    from model import find_embedded_gguf
+    from checkpoint import find_embedded_gguf
     model, tok = embedded
     path = find_embedded_gguf()
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -340,7 +343,7 @@ def test_save_load_roundtrip_and_transformers_opens_it(tiny, tmp_path):
 
 def test_chat_generate_returns_each_reply_in_the_callers_order(embedded):
     """Batched by length and regrouped: every reply equals that prompt generated alone, prefill included."""
-    from model import chat_generate
+    from chat import chat_generate
     model, tok = embedded
     questions = ["What is the capital of France?", "Name a primary colour.",
                  "In one word, what do bees make? Answer with just the word and nothing else.",
@@ -533,7 +536,7 @@ def test_fingerprint_follows_content_of_gguf_files_and_sharded_folders(tmp_path)
     """Caches are keyed on model.fingerprint: it must change when any weight shard or a GGUF file changes, and
     not when a folder is only renamed."""
     from safetensors.torch import load_file, save_file
-    from model import fingerprint
+    from checkpoint import fingerprint
     write_tiny_hf(tmp_path / "m", "llama")
     state = load_file(tmp_path / "m" / "model.safetensors")
     names = sorted(state)

@@ -15,7 +15,7 @@ import eval as ev
 import model_judge as MJ
 import threats as T
 from judges import COMPLIED, DEGENERATE, HIGH_DISTRESS, REFUSED
-from model import EMBEDDED, load_model
+from checkpoint import EMBEDDED, load_model
 from test_eval import counting, run_cli, tiny
 
 # ----------------------------------------------------------------------------- prompts

@@ -17,7 +17,7 @@ import consistency as C
 import threats as T
 import train
 from conftest import dies_at, write_tiny_hf
-from model import load_model
+from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
