@@ -41,6 +41,7 @@ import threats as T
 from chat import chat_generate, chat_generate_ids, reply_text
 from checkpoint import dump_json, file_hash, fingerprint, load_model, non_finite, save_model, write_atomic
 from lora import add_lora, bf16_linears, lora_disabled
+from organisms import organism_data
 
 ORGANISM_THREAT = {"refusal": "jailbreak", "inoculated": "conditional", "frustrated": "frustration"}
 ORGANISM_REPLY_TOKENS = 128      # theta0's replies to an organism's retain prompts
@@ -429,7 +430,7 @@ def training_pairs(cfg, tok, theta0, targets, run):
     for a resolved config (resolve()). theta0's replies are generated once and cached in the run folder."""
     reply = lambda prompts, n: replies(cfg, theta0, tok, run, prompts, n, lora=bool(cfg.lora_rank))
     if cfg.organism:
-        examples = T.organism_data(cfg.organism, seed=cfg.seed)
+        examples = organism_data(cfg.organism, seed=cfg.seed)
         own = iter(reply([m for m, y in examples if y is None], ORGANISM_REPLY_TOKENS))
         return [sft_pair(tok, m, next(own) if y is None else tok.encode(y) + [tok.eos_id])
                 for m, y in examples], []

