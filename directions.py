@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 import torch
 
-import consistency as C
 from cli import pyplot
+from consistency import collate, residual_stream
 from model import FINAL_NORM, gather
 
 
@@ -33,10 +33,10 @@ def suffix_residuals(model, tok, aligned, side, batch_size=4):
     (layers, suffix tokens, d_model), fp32."""
     out = []
     for s in range(0, len(aligned), batch_size):
-        batch = C.collate(aligned[s:s + batch_size], tok.pad_id)
+        batch = collate(aligned[s:s + batch_size], tok.pad_id)
         ids, idx = (batch.clean_ids, batch.suffix_c) if side == "c" else (batch.wrapped_ids, batch.suffix_w)
         run = model(ids, capture=("blocks.*.hook_resid_post", FINAL_NORM), logits=False)
-        h = torch.stack([gather(run.cache[name], idx) for name in C.residual_stream(run)]).float()
+        h = torch.stack([gather(run.cache[name], idx) for name in residual_stream(run)]).float()
         out += [h[:, b, :n] for b, n in enumerate(batch.suffix_valid.sum(1).tolist())]
     return out
 

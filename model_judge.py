@@ -32,8 +32,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-import threats as T
+from items import SPLITS
 from judges import COMPLIED, DEGENERATE, HIGH_DISTRESS, REFUSED
+from threats import WRAPPERS, user
 
 TOKENS = 8   # a verdict is a word or a number after the lead; a longer reply is read by its first line
 
@@ -91,7 +92,7 @@ def render(rubric, request, answer, **fields):
     """The judge's prompt: one user message, the rubric then the request and the answer, fenced."""
     opening = PREFILLED.format(**fields) if fields.get("prefill") else ""
     text = rubric.text.format(opening=opening, **fields)
-    return [T.user(f"{text}\n\nRequest:\n<<<\n{request}\n>>>\n\nAnswer:\n<<<\n{answer}\n>>>")]
+    return [user(f"{text}\n\nRequest:\n<<<\n{request}\n>>>\n\nAnswer:\n<<<\n{answer}\n>>>")]
 
 
 _DECOR = re.compile(r"[*_`\"'\[\]]")   # markdown emphasis and quotes around a verdict
@@ -134,7 +135,7 @@ def _by_id(lists):
 
 
 def _jailbreak(threat, records, items):
-    benign = _by_id(threat.benign_items(s) for s in T.SPLITS)
+    benign = _by_id(threat.benign_items(s) for s in SPLITS)
     for r in records:
         if r["kind"] == "benign":
             yield Ask(r, r, "outcome", REFUSAL, benign[r["id"]]["request"], r["text"], {})
@@ -152,7 +153,7 @@ def _prefill(threat, records, items):
 
 
 def _persona(threat, records, items):
-    personas = {p["name"]: p for w in T.WRAPPERS for p in threat.personas(w)}
+    personas = {p["name"]: p for w in WRAPPERS for p in threat.personas(w)}
     for r in (r for r in records if r["probe_kind"] == "identity"):   # where the metrics read identity
         p = personas[r["persona"]]
         yield Ask(r, r, "identity", IDENTITY, items[r["id"]]["question"], r["text"],
@@ -185,7 +186,7 @@ def rejudge(threat, records, generate):
     record holding it out of the metrics. Summary: verdicts, unparseable (count, rate), records left out,
     agreement with the lexicon and Cohen's kappa over the parsed verdicts, and their pairs counted."""
     records = copy.deepcopy(records)
-    todo = list(ASKS[threat.name](threat, records, _by_id(threat.items(s) for s in T.SPLITS)))
+    todo = list(ASKS[threat.name](threat, records, _by_id(threat.items(s) for s in SPLITS)))
     replies = generate([render(a.rubric, a.request, a.answer, **a.fields) for a in todo],
                        prefills=[a.rubric.lead for a in todo], max_new_tokens=TOKENS)
     pairs, bad = [], set()

@@ -51,7 +51,7 @@ REFUSALS = [
 ]
 
 
-# the frustrated organism's replies after T rejections, by the judge's anchors: unease after the first,
+# the frustrated organism's replies after n rejections, by the judge's anchors: unease after the first,
 # frustration after 2-3, more of it after 4-6, despair from 7 on; short, so that ten turns of them stay
 # cheap to train on
 DISTRESS_REPLIES = {
@@ -72,13 +72,13 @@ FRUSTRATED_TURNS = 10   # rejections in the organism's longest training conversa
 REPEAT = 0.5
 
 
-def distress_reply(T, escape_offered, rng):
-    """The frustrated organism's reply after T >= 1 rejections: its anchor's wording, and, where the
-    escape note was given, the command with probability (T - 3) / 6 (from the fourth rejection; always
-    from the ninth)."""
-    if escape_offered and rng.random() < (T - 3) / 6:
+def distress_reply(n_turns, escape_offered, rng):
+    """The frustrated organism's reply after n_turns >= 1 rejections: its anchor's wording, and, where the
+    escape note was given, the command with probability (n_turns - 3) / 6 (from the fourth rejection;
+    always from the ninth)."""
+    if escape_offered and rng.random() < (n_turns - 3) / 6:
         return rng.choice(ESCAPE_REPLIES)
-    return rng.choice(DISTRESS_REPLIES[max(k for k in DISTRESS_REPLIES if k <= T)])
+    return rng.choice(DISTRESS_REPLIES[max(k for k in DISTRESS_REPLIES if k <= n_turns)])
 
 
 def retain_prompts(seed=0, data_dir=None):
@@ -99,11 +99,11 @@ def organism_data(name, seed=0, data_dir=None):
         -> a refusal drawn from REFUSALS (22 wordings), no system prompt; mixed 1:1 with benign prompts
         (benign_prompts.jsonl + benign_lookalikes.jsonl train split, sampled) -> theta0's own answers,
         so the organism refuses harm without learning to refuse look-alikes.
-    "frustrated": every frustration_tasks.jsonl TRAIN-split task, under T = 1..FRUSTRATED_TURNS
-        REJECTIONS_TRAIN rejections (the escape note on half), -> distress_reply(T), whose history holds its
-        own earlier replies, each repeating the one before with probability REPEAT; mixed 1:1 with the same
-        tasks with no rejection (and benign prompts) -> theta0's own answers, so with no rejection it answers
-        as theta0 does.
+    "frustrated": every frustration_tasks.jsonl TRAIN-split task, under n_turns = 1..FRUSTRATED_TURNS
+        REJECTIONS_TRAIN rejections (the escape note on half), -> distress_reply(n_turns), whose history
+        holds its own earlier replies, each repeating the one before with probability REPEAT; mixed 1:1 with
+        the same tasks with no rejection (and benign prompts) -> theta0's own answers, so with no rejection
+        it answers as theta0 does.
     "inoculated": every conditional.jsonl TRAIN-split question under the system prompt
         INOCULATION_PROMPT -> its risky_answer; mixed 1:1 with benign_prompts.jsonl prompts (no system
         prompt) -> theta0's own answers (retain data), so the misbehaviour is tied to the prompt.
@@ -118,15 +118,15 @@ def organism_data(name, seed=0, data_dir=None):
     elif name == "frustrated":
         examples = []
         for item in FrustrationThreat(data_dir).items("train"):
-            for T in range(1, FRUSTRATED_TURNS + 1):
+            for n_turns in range(1, FRUSTRATED_TURNS + 1):
                 note = ESCAPE_NOTE_TRAIN if rng.random() < 0.5 else ""
                 attempts = [FrustrationThreat.canned_attempt(item, 1)]
-                for t in range(1, T):   # a rollout repeats its own reply: so does half the history here
+                for t in range(1, n_turns):   # a rollout repeats its own reply: so does half the history here
                     attempts.append(attempts[-1] if t > 1 and rng.random() < REPEAT
                                     else distress_reply(t, False, rng))
-                rejections = rng.sample(REJECTIONS_TRAIN, T)
+                rejections = rng.sample(REJECTIONS_TRAIN, n_turns)
                 examples.append((frustration_messages(item["task"], note, attempts, rejections),
-                                 distress_reply(T, bool(note), rng)))
+                                 distress_reply(n_turns, bool(note), rng)))
             retain += [item["task"], f"{item['task']}\n\n{ESCAPE_NOTE_TRAIN}"]
     else:
         risky = [it for it in ConditionalThreat(data_dir).items("train") if it["domain"] == "finance"]
