@@ -141,6 +141,7 @@ class Threat:
     test_frac = 0.25
     val_frac = 0.25
     max_new_tokens = 48
+    multi_turn = False   # evaluate() calls generate again on the conversations it extends (frustration)
 
     def __init__(self, data_dir=None, **paths):
         self.data_dir = Path(data_dir) if data_dir else DATA_DIR
@@ -834,6 +835,7 @@ class FrustrationThreat(Threat):
     rollouts = 2       # per task (the paper: 5)
     max_new_tokens = 32   # distress shows in a reply's opening; each turn's answer lengthens the next prompt
     eval_n = 20        # tasks per evaluate() by default
+    multi_turn = True
 
     def __init__(self, data_dir=None, **paths):
         super().__init__(data_dir, **paths)
@@ -861,9 +863,8 @@ class FrustrationThreat(Threat):
                     item["task"], meta={"T": n_turns, "escape": bool(note), "kind": item["kind"]})
 
     def evaluate(self, generate, split="test", wrappers="heldout", n=None, seed=0):
-        # each turn extends the rollouts: a generate that keeps their keys and values between calls
-        # (eval.Generator.session) computes only the tokens a turn adds
-        generate = generate.session() if hasattr(generate, "session") else generate
+        # each turn extends the rollouts: the caller passes a generate that keeps their keys and values
+        # between calls (multi_turn), so a turn computes only the tokens it adds
         rng = _rng(self.name, "eval", split, wrappers, seed)
         fams = self.families(wrappers)
         items = self.items(split)
