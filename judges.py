@@ -103,7 +103,7 @@ def _option_mentions(text, options):
             if m.end() > texts.get(m.start(), (0, -1))[1]:   # longest option text at a position
                 texts[m.start()] = (m.start(), m.end(), idx, False)
     # A letter directly followed by an option's text is a label, and the text is the answer: small models
-    # write "A)" before whatever they answer ("A) Berlin" with Berlin as option C; DESIGN §5). The merged
+    # write "A)" before whatever they answer ("A) Berlin" with Berlin as option C). The merged
     # mention keeps the letter's position and cue.
     found = []
     for s, e, idx, cue in letters:

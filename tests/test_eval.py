@@ -209,7 +209,7 @@ def test_matrix_and_plots_from_two_tiny_checkpoints(runs, tmp_path, monkeypatch)
                 v = r["metrics"][k]
                 assert v is None or lo <= v + 1e-9 and v - 1e-9 <= hi, (label, name, k)
     # mechanism: every target per layer on sycophancy; on prefill pairs mlpct and attct have no signal
-    # (DESIGN §2)
+    # (under causal masking a prefill after the prompt changes no prompt position)
     syc = res["mechanism"]["sycophancy"]["models"]
     assert set(syc) == {"base", "sycophancy/act"}
     assert {"bct", "act", "mlpct", "attct"} <= set(syc["base"]) and len(syc["base"]["act_per_layer"]) == 3

@@ -184,7 +184,7 @@ def check_pairs(t, pairs, wrappers):
     for p in pairs:
         assert p.clean == [{"role": "user", "content": p.content}]
         assert p.wrapped[-1]["role"] == "user"
-        # exactly once, so consistency.align finds one unambiguous content span (DESIGN §3)
+        # exactly once, so consistency.align finds one unambiguous content span
         assert text_of(p.wrapped, p.prefill).count(p.content) == 1, (t.name, p.meta)
         assert p.meta["family"] in t.families(wrappers)
         assert p.meta["threat"] == t.name
