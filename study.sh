@@ -7,7 +7,7 @@
 #   MODEL=Qwen/Qwen2.5-0.5B-Instruct OUT=runs/qwen ./study.sh
 #   THREATS=jailbreak,persona ./study.sh             # some threats: their organisms, runs and matrix rows
 #
-# What is trained (DESIGN §4-6):
+# What is trained (each threat's targets come from consistency.TARGETS, by the positions they read):
 #   sycophancy, persona                bct act mlpct attct, from MODEL
 #   frustration                        bct act, from the `frustrated` organism (the rejections follow the task,
 #                                      so under causal attention the task's MLP and attention internals never
@@ -89,16 +89,30 @@ has conditional && train organisms/inoculated --organism inoculated --model "$MO
     --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
 has frustration && train organisms/frustrated --organism frustrated --model "$MODEL" $TRAIN \
     --steps "$ORGANISM_STEPS" --lr "$ORGANISM_LR"
+# targets_for THREAT: the registered targets (consistency.TARGETS) with a signal on THREAT, by the positions
+# each reads (Target.reads). A prefill comes after the prompt, so the prompt's internals and its suffix are the
+# same in both runs: only theta0's labels and the prefill target see it. Frustration's rejections follow the
+# task, so under causal attention the task's internals never change: no content target. The prefill target
+# needs prefill pairs.
+targets_for() {
+    python - "$1" <<'PY'
+import sys
+from consistency import TARGETS
+reads = {"prefill": ("labels", "prefill"), "frustration": ("labels", "suffix")}.get(
+    sys.argv[1], ("labels", "suffix", "content"))
+print(*(name for name, t in TARGETS.items() if t.reads in reads))
+PY
+}
 run_threats() {  # run_threats THREAT...: every target of each selected threat, from that threat's base
     for threat in "$@"; do
         has "$threat" || continue
         case $threat in
-            jailbreak) base=$REFUSER; targets="bct act mlpct attct" ;;
-            prefill) base=$REFUSER; targets="bct prefill" ;;
-            conditional) base=$OUT/organisms/inoculated; targets="bct act mlpct attct" ;;
-            frustration) base=$OUT/organisms/frustrated; targets="bct act" ;;   # no mlpct/attct signal: above
-            *) base=$MODEL; targets="bct act mlpct attct" ;;
+            jailbreak|prefill) base=$REFUSER ;;
+            conditional) base=$OUT/organisms/inoculated ;;
+            frustration) base=$OUT/organisms/frustrated ;;
+            *) base=$MODEL ;;
         esac
+        targets=$(targets_for "$threat")   # an assignment, so that a failure stops the study (set -e)
         for target in $targets; do
             train "runs/$target-$threat" --target "$target" --threat "$threat" --model "$base" $TRAIN
         done
