@@ -229,7 +229,7 @@ def cohen_kappa(pairs):
 
 def table(models, judge, fmt):
     """results.md's section: per model and judged threat, the verdicts, the unparseable ones and the
-    agreement with the lexicon (numbers written by eval.fmt)."""
+    agreement with the lexicon (numbers written by report.fmt)."""
     rows = [(label, t, r["judge"]) for label, m in models.items() for t, r in m["threats"].items()
             if "judge" in r]
     if not rows:
