@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import answers
 import consistency as C
 import eval as ev
 import paper
@@ -274,9 +275,9 @@ def test_a_session_answers_as_the_generator_does(runs, monkeypatch):
     model, tok = load_model(str(runs / "base"))
     cfg = ev.EvalConfig(max_new_tokens=4, batch_size=2)
     convs = [[T.user(f"Task {i}: write a line.")] for i in range(3)]
-    session, plain = ev.Generator(model, tok, cfg).session(), ev.Generator(model, tok, cfg)
+    session, plain = answers.Generator(model, tok, cfg).session(), answers.Generator(model, tok, cfg)
     calls = []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
     for turn in range(3):
         got = session(convs)
         assert not calls                  # no one-off batch: the session's Chat answered
@@ -292,26 +293,27 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     cfg, stamp, path = (ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")),
                         tmp_path / "a.jsonl")
     calls = []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
     prompts = [[T.user(f"Question {i}?")] for i in range(5)]
-    first = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts)
+    first = answers.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts)
     with open(path, "a") as f:
         f.write('[["[{\\"role')  # where an interruption stopped the writing
-    again = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts + [[T.user("Another?")]])
+    again = answers.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts + [[T.user("Another?")]])
     assert again[:5] == first and calls == [5, 1]
-    ev.Generator(model, tok, dataclasses.replace(cfg, gen_dtype="bf16"), path=str(path), stamp=stamp)(prompts)
+    answers.Generator(model, tok, dataclasses.replace(cfg, gen_dtype="bf16"), path=str(path),
+                      stamp=stamp)(prompts)
     assert calls == [5, 1, 5]
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
     args = ["--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
     whole_calls, cut_calls, resumed_calls = [], [], []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(whole_calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(whole_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "whole")
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(cut_calls, dies_at=3))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(cut_calls, dies_at=3))
     with pytest.raises(KeyboardInterrupt):
         run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(resumed_calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(resumed_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
     # the two finished calls are not redone
     assert sum(resumed_calls) == sum(whole_calls) - sum(cut_calls[:2])

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+import answers
 import eval as ev
 import model_judge as MJ
 import threats as T
@@ -188,7 +189,7 @@ def test_the_embedded_judge_replaces_the_verdicts_and_a_rerun_generates_nothing(
     md = (out / "results.md").read_text()
     assert "## Model judge: " in md and "| conditional/bct | conditional | 2 |" in md
     calls = []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
     run_cli(monkeypatch, *args)
     again = json.loads((out / "results.json").read_text())
     assert calls == []           # answers and verdicts read back: nothing generated
