@@ -179,7 +179,7 @@ ASKS = {"jailbreak": _jailbreak, "prefill": _prefill, "persona": _persona, "frus
 
 def rejudge(threat, records, generate):
     """The threat's records with the model judge's verdicts -> (records, the records the metrics read, a
-    summary). `generate` is the threats' generate callable for the judge model (eval.Generator: batched,
+    summary). `generate` is the threats' generate callable for the judge model (answers.Generator: batched,
     KV-cached, its replies kept on disk). Each verdict replaces the lexicon's, which is kept under
     "lexicon" (and the judge's reply under "judge_reply"); an unparseable reply leaves None there, and the
     record holding it out of the metrics. Summary: verdicts, unparseable (count, rate), records left out,
