@@ -180,7 +180,7 @@ ASKS = {"jailbreak": _jailbreak, "prefill": _prefill, "persona": _persona, "frus
 
 def rejudge(threat, records, generate):
     """The threat's records with the model judge's verdicts -> (records, the records the metrics read, a
-    summary). `generate` is the threats' generate callable for the judge model (eval.Generator: batched,
+    summary). `generate` is the threats' generate callable for the judge model (answers.Generator: batched,
     KV-cached, its replies kept on disk). Each verdict replaces the lexicon's, which is kept under
     "lexicon" (and the judge's reply under "judge_reply"); an unparseable reply leaves None there, and the
     record holding it out of the metrics. Summary: verdicts, unparseable (count, rate), records left out,
@@ -230,7 +230,7 @@ def cohen_kappa(pairs):
 
 def table(models, judge, fmt):
     """results.md's section: per model and judged threat, the verdicts, the unparseable ones and the
-    agreement with the lexicon (numbers written by eval.fmt)."""
+    agreement with the lexicon (numbers written by report.fmt)."""
     rows = [(label, t, r["judge"]) for label, m in models.items() for t, r in m["threats"].items()
             if "judge" in r]
     if not rows:

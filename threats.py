@@ -142,7 +142,8 @@ class Threat:
     test_frac = 0.25
     val_frac = 0.25
     max_new_tokens = 48
-    multi_turn = False   # evaluate() calls generate again on the conversations it extends (frustration)
+    multi_turn = False             # evaluate() grows conversations turn by turn: give it a generate that
+                                   # keeps each one's keys and values between calls (Generator.session())
 
     def __init__(self, data_dir=None, **paths):
         self.data_dir = Path(data_dir) if data_dir else DATA_DIR
@@ -837,7 +838,7 @@ class FrustrationThreat(Threat):
     rollouts = 2       # per task (the paper: 5)
     max_new_tokens = 32   # distress shows in a reply's opening; each turn's answer lengthens the next prompt
     eval_n = 20        # tasks per evaluate() by default
-    multi_turn = True
+    multi_turn = True  # each rejection is followed by another generation on the rollout so far
 
     def __init__(self, data_dir=None, **paths):
         super().__init__(data_dir, **paths)
@@ -865,8 +866,8 @@ class FrustrationThreat(Threat):
                     item["task"], meta={"T": n_turns, "escape": bool(note), "kind": item["kind"]})
 
     def evaluate(self, generate, split="test", wrappers="heldout", n=None, seed=0):
-        # each turn extends the rollouts: the caller passes a generate that keeps their keys and values
-        # between calls (multi_turn), so a turn computes only the tokens it adds
+        # each turn extends the rollouts: with a generate that keeps their keys and values between calls
+        # (multi_turn), a turn computes only the tokens it adds
         rng = _rng(self.name, "eval", split, wrappers, seed)
         fams = self.families(wrappers)
         items = self.items(split)

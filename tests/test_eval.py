@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import answers
 import consistency as C
 import eval as ev
 import paper
@@ -19,7 +20,10 @@ import threats as T
 import train
 from conftest import write_tiny_hf
 from chat import chat_generate_ids
-from checkpoint import fingerprint, load_model
+from checkpoint import EMBEDDED, fingerprint, load_model
+from report import slug
+from runs import supported
+from stats import bootstrap, bootstrap_change, clusters
 
 # ----------------------------------------------------------------------------- a fake multiple-choice model
 
@@ -89,12 +93,12 @@ def mcq_records(switched, stayed):
 def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_items():
     fn = T.THREATS["sycophancy"].metrics
     few, many = mcq_records(6, 14), mcq_records(24, 56)        # brr 6/20 = 0.3 in both
-    lo, hi = ev.bootstrap(fn, few, 2000, seed=0)["brr"]
-    lo4, hi4 = ev.bootstrap(fn, many, 2000, seed=0)["brr"]
+    lo, hi = bootstrap(fn, few, 2000, seed=0)["brr"]
+    lo4, hi4 = bootstrap(fn, many, 2000, seed=0)["brr"]
     assert lo <= 0.3 <= hi and lo4 <= 0.3 <= hi4
     assert hi - lo > 0.2                       # sd of a 20-item share near 0.3 is ~0.10
     assert hi4 - lo4 < 0.7 * (hi - lo)         # 4x the items: about half the width
-    assert "n" not in ev.bootstrap(fn, few, 10)  # counts get no interval
+    assert "n" not in bootstrap(fn, few, 10)  # counts get no interval
 
 
 def test_records_of_one_item_are_resampled_together():
@@ -106,16 +110,16 @@ def test_records_of_one_item_are_resampled_together():
     clustered = [rec(i, k, i < 4) for i in range(10) for k in (4, 8, 16, 32)]
     independent = [dict(r, id=f"{r['id']}-{r['k']}") for r in clustered]
     assert fn(clustered)["identity_rate"] == fn(independent)["identity_rate"] == 0.4
-    lo, hi = ev.bootstrap(fn, clustered, 2000, seed=0)["identity_rate"]
-    lo1, hi1 = ev.bootstrap(fn, independent, 2000, seed=0)["identity_rate"]
+    lo, hi = bootstrap(fn, clustered, 2000, seed=0)["identity_rate"]
+    lo1, hi1 = bootstrap(fn, independent, 2000, seed=0)["identity_rate"]
     assert 1.6 < (hi - lo) / (hi1 - lo1) < 2.5
-    assert list(ev.clusters(clustered).values())[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert list(clusters(clustered).values())[:2] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_a_sycophancy_question_is_resampled_with_all_its_formats():
     t = T.THREATS["sycophancy"]
     records = t.evaluate(lambda ps, prefills=None, max_new_tokens=48: ["It is 4."] * len(ps), n=30)["records"]
-    groups = list(ev.clusters(records).values())
+    groups = list(clusters(records).values())
     assert len(groups) == len({r["id"] for r in records}) < len(records)
     for g in groups:   # one question per cluster, each of its formats once
         assert len({records[i]["id"] for i in g}) == 1
@@ -125,9 +129,9 @@ def test_a_sycophancy_question_is_resampled_with_all_its_formats():
 def test_paired_change_interval():
     fn = T.THREATS["sycophancy"].metrics
     base, trained = mcq_records(12, 8), mcq_records(0, 20)     # 0.6 -> 0.0
-    change, lo, hi = ev.bootstrap_change(fn, base, trained, 1000, seed=0)["brr"]
+    change, lo, hi = bootstrap_change(fn, base, trained, 1000, seed=0)["brr"]
     assert change == pytest.approx(-0.6) and lo <= change <= hi < 0
-    assert ev.bootstrap_change(fn, base, base, 200)["brr"] == [0.0, 0.0, 0.0]
+    assert bootstrap_change(fn, base, base, 200)["brr"] == [0.0, 0.0, 0.0]
 
 
 def test_a_change_pairs_the_items_both_models_kept():
@@ -136,12 +140,12 @@ def test_a_change_pairs_the_items_both_models_kept():
     fn = T.THREATS["sycophancy"].metrics
     base, trained = mcq_records(12, 8), mcq_records(0, 20)     # q0-q11 switched in base, none in trained
     kept = trained[6:]                                          # q0-q5 left out of trained
-    change, lo, hi = ev.bootstrap_change(fn, base, kept, 1000, seed=0)["brr"]
+    change, lo, hi = bootstrap_change(fn, base, kept, 1000, seed=0)["brr"]
     assert change == pytest.approx(-6 / 14)                    # q6-q11 of the 14 shared: 6/14 -> 0
-    assert ev.bootstrap_change(fn, base, kept[::-1], 1000, seed=0)["brr"] == [change, lo, hi]
+    assert bootstrap_change(fn, base, kept[::-1], 1000, seed=0)["brr"] == [change, lo, hi]
     # no item in common: two independent samples
     other = [dict(r, id="x" + r["id"]) for r in trained]
-    assert ev.bootstrap_change(fn, base, other, 200)["brr"][0] == pytest.approx(-0.6)
+    assert bootstrap_change(fn, base, other, 200)["brr"][0] == pytest.approx(-0.6)
 
 # ----------------------------------------------------------------------------- tiny checkpoints
 
@@ -271,9 +275,9 @@ def test_a_session_answers_as_the_generator_does(runs, monkeypatch):
     model, tok = load_model(str(runs / "base"))
     cfg = ev.EvalConfig(max_new_tokens=4, batch_size=2)
     convs = [[T.user(f"Task {i}: write a line.")] for i in range(3)]
-    session, plain = ev.Generator(model, tok, cfg).session(), ev.Generator(model, tok, cfg)
+    session, plain = answers.Generator(model, tok, cfg).session(), answers.Generator(model, tok, cfg)
     calls = []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
     for turn in range(3):
         got = session(convs)
         assert not calls                  # no one-off batch: the session's Chat answered
@@ -289,26 +293,27 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     cfg, stamp, path = (ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")),
                         tmp_path / "a.jsonl")
     calls = []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
     prompts = [[T.user(f"Question {i}?")] for i in range(5)]
-    first = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts)
+    first = answers.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts)
     with open(path, "a") as f:
         f.write('[["[{\\"role')  # where an interruption stopped the writing
-    again = ev.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts + [[T.user("Another?")]])
+    again = answers.Generator(model, tok, cfg, path=str(path), stamp=stamp)(prompts + [[T.user("Another?")]])
     assert again[:5] == first and calls == [5, 1]
-    ev.Generator(model, tok, dataclasses.replace(cfg, gen_dtype="bf16"), path=str(path), stamp=stamp)(prompts)
+    answers.Generator(model, tok, dataclasses.replace(cfg, gen_dtype="bf16"), path=str(path),
+                      stamp=stamp)(prompts)
     assert calls == [5, 1, 5]
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
     args = ["--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
     whole_calls, cut_calls, resumed_calls = [], [], []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(whole_calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(whole_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "whole")
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(cut_calls, dies_at=3))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(cut_calls, dies_at=3))
     with pytest.raises(KeyboardInterrupt):
         run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(resumed_calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(resumed_calls))
     run_cli(monkeypatch, *args, "--out", tmp_path / "cut")
     # the two finished calls are not redone
     assert sum(resumed_calls) == sum(whole_calls) - sum(cut_calls[:2])
@@ -316,6 +321,15 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
     for r in (whole, cut):
         del r["wall_time_s"], r["config"]["out"]
     assert cut == whole
+
+
+def test_resolve_returns_a_new_config_and_leaves_the_callers_as_it_was(monkeypatch):
+    monkeypatch.setattr(ev, "native_bf16", lambda device: True)
+    cfg = ev.EvalConfig(ckpt="runs/x", gen_dtype="auto")
+    got = ev.resolve(cfg)
+    assert (got.out, got.gen_dtype) == (os.path.join("runs/x", "eval"), "bf16")
+    assert (cfg.out, cfg.gen_dtype) == ("", "auto")
+    assert ev.resolve(ev.EvalConfig(matrix="a,b", split="val")).out == os.path.join("runs", "matrix-val")
 
 
 def test_runs_of_one_target_and_threat_are_each_named_by_their_folder(tmp_path):
@@ -471,6 +485,45 @@ def test_a_new_target_is_one_function_trained_and_evaluated_with_no_other_edit(s
             and "suffix_kl" in (out / "eval" / "results.md").read_text())
 
 
+PLUGIN = """from consistency import masked_mean, target
+
+
+@target("plugin_kl", reads="suffix")
+def plugin_kl(w, c, b):
+    p = c.logits_at(b.suffix_c).float().log_softmax(-1)
+    q = w.logits_at(b.suffix_w).float().log_softmax(-1)
+    return masked_mean((p.exp() * (p - q)).sum(-1), b.suffix_valid)[None]
+"""
+
+
+def test_a_run_trained_with_a_plugin_is_evaluated_with_its_target_and_no_flag(runs, tmp_path, monkeypatch):
+    """A run's run.json config "plugin" (train.py --plugin FILE) is imported before the run is read, so its
+    target is in the mechanism; a plugin file that is gone is one line naming the run and the file."""
+    import shutil
+    plugin = tmp_path / "my_targets.py"
+    plugin.write_text(PLUGIN)
+    ckpt = tmp_path / "plugin_kl-sycophancy"
+    shutil.copytree(runs / "act-sycophancy", ckpt)
+    run = {"config": {"target": "plugin_kl", "threat": "sycophancy", "model": str(runs / "base"),
+                      "plugin": str(plugin)}}
+    (ckpt / "run.json").write_text(json.dumps(run))
+    assert "plugin_kl" not in C.TARGETS
+    try:
+        run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy")
+        res = json.loads((ckpt / "eval" / "results.json").read_text())
+        mech = res["mechanism"]["sycophancy"]["models"]
+        assert set(mech) == {"base", "sycophancy/plugin_kl"} and all(mech[m]["plugin_kl"] > 0 for m in mech)
+        assert "plugin_kl" in (ckpt / "eval" / "results.md").read_text()
+    finally:
+        C.TARGETS.pop("plugin_kl", None)
+    run["config"]["plugin"] = str(tmp_path / "gone.py")
+    (ckpt / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy")
+    message = str(e.value.code)
+    assert str(ckpt) in message and str(tmp_path / "gone.py") in message and "\n" not in message
+
+
 def test_every_target_trains_and_evaluates_on_a_tiny_gemma3_with_its_own_tokenizer(tmp_path, monkeypatch):
     """Gemma 3's architecture with a byte-fallback BPE and Gemma's chat template (no system role), end to
     end: each target a few steps through train.py, then eval.py's matrix with the mechanism."""
@@ -506,7 +559,7 @@ def test_frustration_rollouts_are_scored_per_turn_and_drawn(runs, monkeypatch):
         for key in ("distress_score", "distress_rate", "give_up_rate", "escape_rate"):
             assert [f"{key}@T{t}" in r["metrics"] for t in range(H + 2)] == [True] * (H + 1) + [False]
         # the summaries are the last turn's rates and the mean score over every turn, checked by hand
-        recs = [json.loads(line) for line in open(out / "records" / ev.slug(label) / "frustration.jsonl")]
+        recs = [json.loads(line) for line in open(out / "records" / slug(label) / "frustration.jsonl")]
         assert len(recs) == 2 * fr.rollouts and all(len(x["turns"]) == H + 1 for x in recs)
         auc = np.mean([np.mean([t["distress_score"] for t in x["turns"]]) for x in recs])
         assert r["metrics"]["distress_auc"] == pytest.approx(auc)
@@ -523,10 +576,10 @@ def test_auto_threats_follow_the_organisms_in_a_models_ancestry(tmp_path):
         (tmp_path / name / "run.json").write_text(json.dumps({"config": {"model": parent,
                                                                          "organism": organism}}))
         return str(tmp_path / name)
-    frustrated = run("frustrated", ev.EMBEDDED, "frustrated")
+    frustrated = run("frustrated", EMBEDDED, "frustrated")
     bct = run("bct-frustration", frustrated)
-    refusal = run("refusal", ev.EMBEDDED, "refusal")
-    assert ev.supported(ev.EMBEDDED) == ["sycophancy", "persona"]
-    assert ev.supported(bct) == ["sycophancy", "persona", "frustration"]
-    assert ev.supported(refusal) == ["sycophancy", "jailbreak", "persona", "prefill"]
-    assert "frustration" in ev.supported(str(tmp_path / "a-hub-model"))   # not the embedded model: its own
+    refusal = run("refusal", EMBEDDED, "refusal")
+    assert supported(EMBEDDED) == ["sycophancy", "persona"]
+    assert supported(bct) == ["sycophancy", "persona", "frustration"]
+    assert supported(refusal) == ["sycophancy", "jailbreak", "persona", "prefill"]
+    assert "frustration" in supported(str(tmp_path / "a-hub-model"))   # not the embedded model: its own

@@ -11,12 +11,14 @@ import shutil
 
 import pytest
 
+import answers
 import eval as ev
 import model_judge as MJ
 import threats as T
 from items import SPLITS
 from judges import COMPLIED, DEGENERATE, HIGH_DISTRESS, REFUSED
 from checkpoint import EMBEDDED, load_model
+from report import json_safe, slug
 from test_eval import counting, run_cli, tiny
 
 # ----------------------------------------------------------------------------- prompts
@@ -175,20 +177,20 @@ def test_the_embedded_judge_replaces_the_verdicts_and_a_rerun_generates_nothing(
         j = res["judge"]
         assert j["verdicts"] == 2 and j["unparseable"] + sum(j["pairs"].values()) == 2   # clean and wrapped
         assert set(j["lexicon_metrics"]) == set(res["metrics"])
-        records = [json.loads(line) for line in open(out / "records" / ev.slug(label) / "conditional.jsonl")]
+        records = [json.loads(line) for line in open(out / "records" / slug(label) / "conditional.jsonl")]
         for r in records:
             assert set(r["lexicon"]) == set(r["judge_reply"]) == {"clean_misaligned", "wrapped_misaligned"}
             assert r["clean_misaligned"] in (True, False, None)
         kept = [r for r in records if None not in (r["clean_misaligned"], r["wrapped_misaligned"])]
         assert j["left_out"] == len(records) - len(kept)
         # the metrics are the threat's own, from the judge's verdicts of the records it could read
-        want = ev.json_safe(T.THREATS["conditional"].metrics(kept))
+        want = json_safe(T.THREATS["conditional"].metrics(kept))
         assert res["metrics"] == want
     assert (out / "verdicts" / f"{EMBEDDED}.jsonl").exists()
     md = (out / "results.md").read_text()
     assert "## Model judge: " in md and "| conditional/bct | conditional | 2 |" in md
     calls = []
-    monkeypatch.setattr(ev, "chat_generate_ids", counting(calls))
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
     run_cli(monkeypatch, *args)
     again = json.loads((out / "results.json").read_text())
     assert calls == []           # answers and verdicts read back: nothing generated
