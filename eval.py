@@ -67,10 +67,10 @@ from answers import Generator
 from checkpoint import EMBEDDED, fingerprint, load_model, non_finite
 from cli import check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
+from items import DATA_DIR
 from report import matrix, slug, write_outputs
 from runs import CHECKPOINTS, base_path, read_run, supported
 from stats import bootstrap_change, score
-from items import DATA_DIR
 from threats import EVAL_WRAPPERS, REFUSED, THREATS, eval_size, mix, user
 
 
