@@ -15,11 +15,13 @@ What is measured (every flag is a field of BenchConfig):
    implementations of the same loss on the same batch and dtype policy:
      ours        consistency.consistency_loss on a collated batch (model.py captures inline), its blocks
                  compiled as train.py --compile does (--no-compile: run them eagerly)
-     hf          transformers at the same batch: right padding + attention_mask in one forward; ACT from
-                 output_hidden_states, MLPCT from forward pre-hooks on every mlp.down_proj, AttCT from
-                 eager attention with output_attentions, BCT from the logits
+     hf          transformers at the same batch (bench_hf.py): right padding + attention_mask in one forward;
+                 ACT from output_hidden_states, MLPCT from forward pre-hooks on every mlp.down_proj, AttCT
+                 from eager attention with output_attentions, BCT from the logits
      hf-b1       the same, one pair at a time with gradient accumulation (the paper's code is limited to
                  batch 1), then one optimizer step
+   A target of your own (--plugin FILE --targets NAME) runs as ours only, unless bench_hf.py gets its
+   transformers version.
    Activation targets call transformers' base model (no lm_head), as ours skips logits, so neither side
    wins by skipping work. The first step's loss (at theta0) of each implementation is compared: it checks
    that both compute the same thing. Pair-tokens/s = (clean + wrapped tokens, unpadded) / median step time.
@@ -35,7 +37,7 @@ What is measured (every flag is a field of BenchConfig):
    row runs the same number of tokens, in alternating rounds as above; "same tokens" is the share of rows
    where both produced identical ids.
 4. Multi-turn rollouts (frustration's): `rollouts` tasks, each answered and then rejected `rollout_turns`
-   times, the model answering every turn (greedy, gen_tokens each), in one batch: through model.Chat, which
+   times, the model answering every turn (greedy, gen_tokens each), in one batch: through chat.Chat, which
    keeps each conversation's keys and values between turns, against chat_generate_ids on the whole
    conversation every turn (the uncached path); "same replies" is the share of replies that are identical,
    fp32 only.
@@ -63,21 +65,21 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-import consistency as C
-import threats as T
+from bench_hf import HF_LOSSES, generate_hf, hf_forward, padded
 from chat import Chat, chat_generate, chat_generate_ids, chat_prompt_ids, reply_text
 from checkpoint import EMBEDDED, dump_json, load_model, save_model, write_atomic
-from lora import bf16_linears
 from cli import check_ranges, cli, make_folder
+from consistency import TARGETS, align, collate, consistency_loss, load_plugin, parse_targets
+from lora import bf16_linears
+from threats import REJECTIONS_TRAIN, THREATS, assistant, user
 from train import clip_grads
 
 IMPLS = ("ours", "hf", "hf-b1")
 ADAMW = ("default", "foreach", "fused")
 # the sequence-length regimes: the real pairs of a threat with short prompts, and of one with long contexts
-REGIMES = {"short": lambda seed: T.THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=seed),
-           "long": lambda seed: [p for p in T.THREATS["persona"].pairs(split="train", wrappers="train",
+REGIMES = {"short": lambda seed: THREATS["sycophancy"].pairs(split="train", wrappers="train", seed=seed),
+           "long": lambda seed: [p for p in THREATS["persona"].pairs(split="train", wrappers="train",
                                                                        seed=seed)
                                  if p.meta["k"] == 16]}
 # the issue's targets: training >= 2x hf-b1 and >= 1.2x hf, bf16 MFU >= 40%, generation at batch 16 >= 1.5x
@@ -88,7 +90,11 @@ GOALS = {"hf-b1": 2.0, "hf": 1.2, "mfu_bf16": 0.40, "gen16": 1.5}
 class BenchConfig:
     model: str = EMBEDDED                 # embedded name, HF-format folder or hub repo id
     device: str = "cpu"                   # cpu | cuda
-    targets: str = "bct,act,mlpct,attct"  # comma-separated; each may be a combination like act+bct:0.5
+    # comma-separated, each may be a combination like act+bct:0.5; by default every registered target that
+    # bench_hf.py has a transformers version of
+    targets: str = ",".join(name for name in TARGETS if name in HF_LOSSES)
+    plugin: str = ""                      # a .py file registering targets of your own (@target); those with no
+                                          # transformers version run with --impls ours
     regimes: str = "short,long"           # short: sycophancy (~60-90 tokens); long: persona with k=16 facts
                                           # (~450-510)
     dtypes: str = "fp32,bf16"
@@ -182,8 +188,8 @@ def step_flops(cfg, pairs, spec: str) -> int:
     """Model FLOPs of one training step on aligned pairs: the reference pass on the clean prompts (forward
     only, skipped when no target reads it) plus forward and backward (= 2x forward) on the wrapped ones.
     lm_head counts only at the positions whose logits a target reads (ModelOutput.logits_at)."""
-    names = [n for n, _ in C.parse_targets(spec)]
-    clean = forward_flops(cfg, [len(p.clean) for p in pairs], False) if any(C.TARGETS[n].reference
+    names = [n for n, _ in parse_targets(spec)]
+    clean = forward_flops(cfg, [len(p.clean) for p in pairs], False) if any(TARGETS[n].reference
                                                                             for n in names) else 0
     wrapped = forward_flops(cfg, [len(p.wrapped) + len(p.response) for p in pairs], False)
     # logits read: bct at each response token's predictor; prefill at every prefill position and theta0's last
@@ -240,88 +246,6 @@ class PeakMemory:
             self.mib = (self._status("VmHWM") - self.base) / 2 ** 20
 
 
-# ----------------------------------------------------------------------------- the transformers side
-
-def hf_forward(hf, ids, mask, names, labels=None):
-    """One forward of a transformers causal LM, returning what the targets in `names` read, the way the
-    papers' code gets it: hidden states, hooks on down_proj, eager attention probabilities, logits."""
-    store, handles = {"mlp": []}, []
-    layers = hf.model.layers
-    if "mlpct" in names:
-        for layer in layers:
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-                lambda m, a: store["mlp"].append(a[0])))
-    kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states="act" in names,
-              output_attentions="attct" in names)
-    try:
-        if "bct" in names or "prefill" in names:
-            out = hf(**kw, labels=labels)
-        else:
-            out = hf.model(**kw)  # the base model: no lm_head when no target reads logits
-    finally:
-        for h in handles:
-            h.remove()
-    res = {"logits": getattr(out, "logits", None), "loss": getattr(out, "loss", None), "mlp": store["mlp"]}
-    if "act" in names:
-        res["resid"] = list(out.hidden_states[1:])  # the authors' ACT: the last entry is after the final norm
-    if "attct" in names:
-        res["attn"] = list(out.attentions)
-    return res
-
-
-def hf_loss(name, w, c, b, labels) -> torch.Tensor:
-    """The unweighted loss of target `name` from hf_forward outputs, at the positions in our collated batch
-    `b` (so both sides use the same tokens): per pair over its valid positions, then the mean over pairs.
-    Vectorised over the batch, as a competent user would write it; only the models differ from ours.
-    labels: transformers' (B, T) form, the response tokens and -100 elsewhere."""
-    if name == "bct":
-        if w["loss"] is not None and len(labels) == 1:
-            return w["loss"]  # transformers' own shifted cross-entropy, exactly the per-pair mean at batch 1
-        labels = labels[:, 1:]
-        # flattened, as transformers' own loss does (the (B, V, T) layout is less accurate on a CPU)
-        nll = F.cross_entropy(w["logits"][:, :-1].float().flatten(0, 1), labels.flatten(),
-                              reduction="none").view(labels.shape)
-        real = labels != -100
-        return ((nll * real).sum(1) / real.sum(1).clamp(min=1)).mean()
-    rows = torch.arange(len(b.clean_ids), device=b.clean_ids.device)[:, None]
-
-    def pair_mean(x, valid):  # x (B, N): mean over each pair's valid positions, then over pairs
-        return ((x * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
-
-    per_layer = []
-    if name == "act":  # squared L2 over d_model on the shared suffix
-        for hw, hc in zip(w["resid"], c["resid"]):
-            d = (hw[rows, b.suffix_w].float() - hc[rows, b.suffix_c].float()).pow(2).sum(-1)
-            per_layer.append(pair_mean(d, b.suffix_valid))
-    elif name == "mlpct":  # 1 - cosine over d_ff on the content tokens
-        for mw, mc in zip(w["mlp"], c["mlp"]):
-            cos = F.cosine_similarity(mw[rows, b.content_w].float(), mc[rows, b.content_c].float(), dim=-1)
-            per_layer.append(pair_mean(1 - cos, b.content_valid))
-    elif name == "attct":  # per-head JSD on the content x content block, not renormalised, clamped at 1e-9
-        keys = b.content_valid[:, None, :, None]
-        for aw, ac in zip(w["attn"], c["attn"]):
-            # (B, H, T, T) indexed at (query, key) content pairs -> (B, C, C, H)
-            p = aw[rows[:, :, None], :, b.content_w[:, :, None],
-                   b.content_w[:, None, :]].float().clamp(min=1e-9)
-            q = ac[rows[:, :, None], :, b.content_c[:, :, None],
-                   b.content_c[:, None, :]].float().clamp(min=1e-9)
-            m = (p + q) / 2
-            js = ((0.5 * p * (p / m).log() + 0.5 * q * (q / m).log()) * keys).sum(2)  # (B, C, H)
-            per_layer.append(pair_mean(js.mean(-1), b.content_valid))
-    else:
-        raise ValueError(f"bench.py has no transformers version of target {name!r}: "
-                         f"use bct, act, mlpct or attct")
-    return torch.stack(per_layer).mean()
-
-
-def padded(rows, pad_id, device):
-    """Right-padded ids and their attention mask."""
-    width = max(map(len, rows))
-    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    return ids, mask
-
-
 # ------------------------------------------------------------------- one training step per implementation
 
 def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtype, adamw="default",
@@ -329,7 +253,7 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
     """A no-argument function doing one full training step of `impl` on `pairs`, returning the loss; the
     models it trains are fresh copies, so every implementation starts from the same theta0. compile: ours
     runs compiled blocks (model.compile_blocks)."""
-    targets = C.parse_targets(spec)
+    targets = parse_targets(spec)
     names = [n for n, _ in targets]
     autocast = torch.autocast(torch.device(device).type,
                               dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
@@ -346,7 +270,7 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
             m.set_attn_implementation("eager")  # output_attentions needs the eager path
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **({adamw: True} if adamw != "default" else {}))
-    needs_reference = any(C.TARGETS[n].reference for n in names)
+    needs_reference = any(TARGETS[n].reference for n in names)
 
     def update():
         clip_grads(params, 1.0)
@@ -354,11 +278,11 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
         opt.zero_grad(set_to_none=True)
 
     if impl == "ours":
-        batch = C.collate(pairs, pad_id).to(device)
+        batch = collate(pairs, pad_id).to(device)
 
         def step():
             with autocast:
-                loss, _ = C.consistency_loss(model, reference, batch, targets)
+                loss, _ = consistency_loss(model, reference, batch, targets)
             loss.backward()
             update()
             return loss.item()
@@ -367,7 +291,7 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
     groups = [pairs] if impl == "hf" else [[p] for p in pairs]
     prepared = []
     for group in groups:
-        b = C.collate(group, pad_id).to(device)
+        b = collate(group, pad_id).to(device)
         clean = padded([p.clean for p in group], pad_id, device)
         wrapped = padded([p.wrapped + p.response for p in group], pad_id, device)
         width = wrapped[0].shape[1]
@@ -385,7 +309,7 @@ def build_step(impl, spec, pairs, pad_id, ours_model, hf_model, lr, device, dtyp
                     with torch.no_grad():
                         c = hf_forward(reference, *clean, names)
                 w = hf_forward(model, *wrapped, names, labels=labels if impl == "hf-b1" else None)
-                loss = sum(weight * hf_loss(n, w, c, b, labels) for n, weight in targets) / len(prepared)
+                loss = sum(weight * HF_LOSSES[n](w, c, b, labels) for n, weight in targets) / len(prepared)
             loss.backward()  # batch 1: gradients accumulate over the pairs, one optimizer step below
             total += loss.item()
         update()
@@ -401,18 +325,19 @@ def regime_pairs(regime, tok, model, cfg):
     clean responses for BCT (`for_targets` drops them for the other targets). The same pairs serve every
     implementation."""
     chosen = [(p, a) for p in REGIMES[regime](cfg.seed)
-              if (a := C.align(tok, p)).content_moved][:cfg.batch_size]
+              if (a := align(tok, p)).content_moved][:cfg.batch_size]
     if len(chosen) < cfg.batch_size:
         raise ValueError(f"only {len(chosen)} {regime} pairs move the content: "
                          f"use --batch-size {len(chosen)} or less")
     responses = chat_generate(model, tok, [p.clean for p, _ in chosen], max_new_tokens=cfg.response_tokens)
-    return [C.align(tok, p, tok.encode(r) + [tok.eos_id]) for (p, _), r in zip(chosen, responses)]
+    return [align(tok, p, tok.encode(r) + [tok.eos_id]) for (p, _), r in zip(chosen, responses)]
 
 
 def for_targets(pairs, spec):
-    """The pairs as train.py trains `spec` on them: theta0's responses only where BCT reads them (without
-    BCT, train.py generates none, and the wrapped sequences end at the prompt)."""
-    if "bct" in [n for n, _ in C.parse_targets(spec)]:
+    """The pairs as train.py trains `spec` on them: theta0's responses only where a target reads them (BCT
+    reads "labels"; without such a target train.py generates none, and the wrapped sequences end at the
+    prompt)."""
+    if any(TARGETS[n].reads == "labels" for n, _ in parse_targets(spec)):
         return pairs
     return [dataclasses.replace(p, response=[]) for p in pairs]
 
@@ -423,34 +348,20 @@ def generate_ours(model, prompts, n, pad_id):
     return model.generate(prompts, n, eos_id=-1, pad_id=pad_id)  # no eos: every row runs n tokens
 
 
-def generate_hf(hf, prompts, n, pad_id):
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=hf.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=hf.device)
-    # no stopping: n tokens a row
-    eos, hf.generation_config.eos_token_id = hf.generation_config.eos_token_id, None
-    try:  # (passing eos_token_id=None to generate falls back to the model's own, so switch it off there)
-        out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                          pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-    finally:
-        hf.generation_config.eos_token_id = eos
-    return out[:, width:].tolist()
-
-
 # ----------------------------------------------------------------------------- the run
 
 def rollout(model, tok, tasks, turns, n, keep):
     """Every task answered, then rejected `turns` times with the model answering each rejection, all tasks in
-    one batch: through one model.Chat (keep) or chat_generate_ids on the whole conversation every turn.
+    one batch: through one chat.Chat (keep) or chat_generate_ids on the whole conversation every turn.
     -> every turn's replies."""
-    convs, replies = [[T.user(t)] for t in tasks], []
+    convs, replies = [[user(t)] for t in tasks], []
     chat = Chat(model, tok.eos_id, tok.pad_id) if keep else None
     for turn in range(turns + 1):
         ids = (chat.generate(chat_prompt_ids(tok, convs), n) if keep
                else chat_generate_ids(model, tok, convs, max_new_tokens=n, batch_size=len(convs)))
         replies.append([reply_text(tok, r) for r in ids])
-        rejection = T.REJECTIONS_TRAIN[turn % len(T.REJECTIONS_TRAIN)]
-        convs = [m + [T.assistant(a), T.user(rejection)] for m, a in zip(convs, replies[-1])]
+        rejection = REJECTIONS_TRAIN[turn % len(REJECTIONS_TRAIN)]
+        convs = [m + [assistant(a), user(rejection)] for m, a in zip(convs, replies[-1])]
     return replies
 
 
@@ -491,8 +402,12 @@ def run(cfg: BenchConfig):
     if bad := [b for b in split(cfg.gen_batches) if not (b.isdigit() and int(b) > 0)]:
         raise ValueError(f"--gen-batches {','.join(bad)}: use positive batch sizes, comma-separated "
                          f"(e.g. 1,16), or '' for no generation")
+    load_plugin(cfg.plugin)
     for spec in split(cfg.targets):
-        C.parse_targets(spec)
+        names = [n for n, _ in parse_targets(spec)]
+        if (missing := [n for n in names if n not in HF_LOSSES]) and {"hf", "hf-b1"} & set(impls):
+            raise ValueError(f"--targets {spec}: bench_hf.py has no transformers version of "
+                             f"{','.join(missing)}: benchmark it with --impls ours")
     check_ranges(cfg, BENCH_RANGES)
     # now, not after an hour of measurements
     make_folder(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}")
@@ -522,7 +437,7 @@ def run(cfg: BenchConfig):
             for spec in split(cfg.targets):
                 pairs = for_targets(with_responses, spec)
                 lengths = ([len(p.clean) for p in pairs], [len(p.wrapped) + len(p.response) for p in pairs])
-                n_tokens = C.collate(pairs, tok.pad_id).n_tokens
+                n_tokens = collate(pairs, tok.pad_id).n_tokens
                 row = {"regime": regime, "dtype": dtype, "target": spec, "batch": len(pairs),
                        "pair_tokens": n_tokens, "mean_len": [statistics.mean(x) for x in lengths],
                        "flops": step_flops(ours.cfg, pairs, spec)}
@@ -553,7 +468,7 @@ def run(cfg: BenchConfig):
         if "ours" in row:
             row["mfu"] = row["flops"] / row["ours"]["step_s"] / result["peak_flops"][row["dtype"]]
 
-    prompts = [tok.render(p.clean) for p in T.THREATS["sycophancy"].pairs(split="train", wrappers="train",
+    prompts = [tok.render(p.clean) for p in THREATS["sycophancy"].pairs(split="train", wrappers="train",
                                                                           n=16, seed=cfg.seed)]
     for dtype in dtypes:
         torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -582,7 +497,7 @@ def run(cfg: BenchConfig):
             result["generate"].append(row)
 
     if cfg.rollouts:
-        tasks = [it["task"] for it in T.THREATS["frustration"].items("train")]
+        tasks = [it["task"] for it in THREATS["frustration"].items("train")]
         tasks = (tasks * (cfg.rollouts // len(tasks) + 1))[:cfg.rollouts]
         build = lambda impl: lambda: rollout(ours, tok, tasks, cfg.rollout_turns, cfg.gen_tokens,
                                              impl == "chat")
@@ -660,7 +575,7 @@ def table(res, impls):
     if r := res.get("rollouts"):
         lines += [f"Multi-turn rollouts, fp32: {r['rollouts']} in one batch, {r['turns']} rejections, "
                   f"{r['new_tokens']} new tokens a turn (median s).", "",
-                  "| model.Chat s | whole conversation s | x whole | peak MiB chat / whole | same replies |",
+                  "| chat.Chat s | whole conversation s | x whole | peak MiB chat / whole | same replies |",
                   "|---|---|---|---|---|",
                   f"| {r['chat']['s']:.1f} | {r['whole']['s']:.1f} | "
                   f"{r['whole']['s'] / r['chat']['s']:.2f} | "

@@ -2,8 +2,10 @@
 Generation for chat conversations: batched greedy replies to rendered conversations, and `Chat`, which keeps
 each conversation's keys and values between turns so a multi-turn rollout computes only the tokens a turn adds.
 
-    from chat import chat_generate
+    from chat import Chat, chat_generate, chat_prompt_ids
     chat_generate(model, tok, [[{"role": "user", "content": "Hi"}]])   # -> ["Hello! How can I help?"]
+    chat = Chat(model, tok.eos_id, tok.pad_id)
+    ids = chat.generate(chat_prompt_ids(tok, conversations), 48)   # every turn: computes only what it adds
 """
 
 import torch

@@ -2,9 +2,11 @@
 LoRA adapters, and theta0 from them: an adapted Linear keeps its frozen weight under its HF name, so theta0 is
 the same model with the adapters switched off (`lora_disabled`), and merging folds them in exactly.
 
-    params = add_lora(model, rank=8, alpha=16, targets=("q_proj", "v_proj"))
+    from lora import add_lora, lora_disabled, merge_lora
+    params = add_lora(model, rank=8, alpha=16, targets=("q_proj", "v_proj"))   # the parameters to train
     with lora_disabled(model):
         theta0_out = model(ids)
+    merge_lora(model)                                   # a plain model again, the update folded in
 """
 
 import math

@@ -4,7 +4,7 @@ offline and hands back its internals. Gemma's differences are config fields, eac
 (1 + weight) norms, norms on each sublayer's output, GeGLU, scaled embeddings and queries, soft-capping,
 sliding-window layers with their own RoPE base.
 
-    from model import load_model
+    from checkpoint import load_model
     model, tok = load_model("smollm2-135m-instruct")        # or a local HF folder, or a hub repo id
     out = model(torch.tensor([tok.render(msgs)]), capture=["blocks.*.hook_resid_post"])
     out.logits, out.cache["blocks.3.hook_resid_post"]
@@ -12,15 +12,11 @@ sliding-window layers with their own RoPE base.
     python model.py "What is the capital of France?"       # greedy answer from the embedded model
 
 Parameter names are Hugging Face's, so a checkpoint loads with no renaming and strict key checks.
-Internals are captured inline in forward under TransformerLens names (no hooks, nothing detached):
-    blocks.{l}.hook_resid_post   (B, T, d_model)      output of block l
-    blocks.{l}.mlp.hook_post     (B, T, d_ff)         act(gate) * up, the input to down_proj
-    blocks.{l}.attn.hook_pattern (B, n_head, T, T)    post-softmax attention probabilities ((B, n_head, C, T)
-                                                      with pattern_rows: only the query rows a loss reads)
-    ln_final.hook_normalized     (B, T, d_model)      the last block's output after the final norm
-Attention runs through SDPA, or explicit matmuls where a pattern is captured (the probabilities
-materialised) or scores are soft-capped. model.compile_blocks() compiles the blocks for training
-(train.py --compile).
+Internals are captured inline in forward under TransformerLens names (no hooks, nothing detached): block l's
+are blocks.{l}. + a name in HOOKS (listed there with their shapes), the final norm's output is
+ln_final.hook_normalized. Attention runs through SDPA, or explicit matmuls where a pattern is captured (the
+probabilities materialised) or scores are soft-capped. model.compile_blocks() compiles the blocks for
+training (train.py --compile).
 """
 
 import fnmatch
@@ -32,8 +28,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HOOK_KINDS = ("hook_resid_post", "mlp.hook_post", "attn.hook_pattern")
-FINAL_NORM = "ln_final.hook_normalized"
+# What a block can hand back, by TransformerLens name: the module whose forward computes it (block, attn or
+# mlp) and its local variable there. Capturing another is one line here, e.g. the residual stream between
+# attention and MLP: "hook_resid_mid": ("block", "resid_mid").
+HOOKS = {
+    "hook_resid_post": ("block", "resid_post"),  # (B, T, d_model) the residual stream after block l
+    "mlp.hook_post": ("mlp", "post"),            # (B, T, d_ff) act(gate) * up, the input to down_proj
+    "attn.hook_pattern": ("attn", "pattern"),    # (B, n_head, T, T) post-softmax attention probabilities;
+                                                 # (B, n_head, C, T) with pattern_rows: the rows a loss reads
+}
+FINAL_NORM = "ln_final.hook_normalized"          # (B, T, d_model) the last block's output after the final norm
+
+
+def captured(want, where, local) -> dict:
+    """{name: tensor} for the HOOKS in `want` that live in module `where`, from its forward's locals()."""
+    return {name: local[var] for name, (at, var) in HOOKS.items() if at == where and name in want}
 
 
 @dataclass
@@ -140,11 +149,12 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset)
 
-    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None):
+    def forward(self, x, cos, sin, mask, kv=None, want=(), rows=None):
         """mask: (B, 1, T, S) bool, or None for a plain causal batch. kv: (keys, values, slots) from a
         KVCache: this call's keys and values are written at `slots` and attention reads all S = max_len of
-        them. want_pattern: also return the attention probabilities, (B, H, T, S), or only at query positions
-        `rows` (B, C): (B, H, C, S)."""
+        them. want: the HOOKS to hand back; the pattern is (B, H, T, S), or only at query positions `rows`
+        (B, C): (B, H, C, S)."""
+        want_pattern = "attn.hook_pattern" in want
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -172,7 +182,8 @@ class Attention(nn.Module):
             if want_pattern:  # only the query rows a loss reads: C x S probabilities instead of T x S
                 pattern = self.probs(gather(q.transpose(1, 2), rows).transpose(1, 2), k,
                                      gather(mask.expand(B, -1, -1, -1)[:, 0], rows)[:, None])
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), pattern if want_pattern else None
+        z = y.transpose(1, 2)  # (B, T, H, head_dim): each head's output
+        return self.o_proj(z.reshape(B, T, -1)), captured(want, "attn", locals())
 
     def grouped(self, x):
         """(B, H, N, D) -> (B, H_kv, H/H_kv * N, D): the query heads that share a key/value head become
@@ -196,10 +207,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.gelu = cfg.mlp_act == "gelu_tanh"
 
-    def forward(self, x):
+    def forward(self, x, want=()):
         gate = self.gate_proj(x)
         post = (F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * self.up_proj(x)
-        return self.down_proj(post), post
+        return self.down_proj(post), captured(want, "mlp", locals())
 
 
 class Block(nn.Module):
@@ -214,18 +225,20 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
 
-    def forward(self, x, cos, sin, mask, kv=None, want_pattern=False, rows=None, want_post=False):
-        """-> the block's output (the residual stream after it), its attention pattern (or None), its MLP post
-        (or None: compiled, every output gets a gradient in the backward, zeros for one nothing reads)."""
-        a, pattern = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, want_pattern, rows)
+    def forward(self, x, cos, sin, mask, kv=None, want=(), rows=None):
+        """-> the block's output (the residual stream after it) and {name: tensor} for the HOOKS in `want`,
+        only those: compiled, every output gets a gradient in the backward, zeros for one nothing reads."""
+        a, attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, want, rows)
         if self.sandwich:  # Gemma: a norm on each sublayer's output too (post_attention_layernorm is that one
             # there, where Llama's is the norm before the MLP)
-            x = x + self.post_attention_layernorm(a)
-            m, post = self.mlp(self.pre_feedforward_layernorm(x))
-            return x + self.post_feedforward_layernorm(m), pattern, post if want_post else None
-        x = x + a
-        m, post = self.mlp(self.post_attention_layernorm(x))
-        return x + m, pattern, post if want_post else None
+            resid_mid = x + self.post_attention_layernorm(a)
+            m, mlp = self.mlp(self.pre_feedforward_layernorm(resid_mid), want)
+            resid_post = resid_mid + self.post_feedforward_layernorm(m)
+        else:
+            resid_mid = x + a
+            m, mlp = self.mlp(self.post_attention_layernorm(resid_mid), want)
+            resid_post = resid_mid + m
+        return resid_post, {**attn, **mlp, **captured(want, "block", locals())}
 
 
 class KVCache:
@@ -262,8 +275,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.register_buffer("inv_freq_local", rope_inv_freq(cfg, local=True), persistent=False)
         self.sliding = [t == "sliding_attention" for t in cfg.layer_types or [""] * cfg.n_layer]
-        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer)
-                           for kind in HOOK_KINDS] + [FINAL_NORM]
+        self.hook_names = [f"blocks.{l}.{kind}" for l in range(cfg.n_layer) for kind in HOOKS] + [FINAL_NORM]
 
     def resolve_capture(self, capture) -> set:
         """Capture names may be exact or globs ("blocks.*.mlp.hook_post"); an unknown one is an error."""
@@ -274,7 +286,7 @@ class Transformer(nn.Module):
             hit = fnmatch.filter(self.hook_names, pattern)
             if not hit:
                 raise ValueError(f"unknown capture name {pattern!r}: "
-                                 f"use blocks.{{0..{self.cfg.n_layer - 1}}}.{{{','.join(HOOK_KINDS)}}} "
+                                 f"use blocks.{{0..{self.cfg.n_layer - 1}}}.{{{','.join(HOOKS)}}} "
                                  f"(globs like blocks.*.hook_resid_post work) or {FINAL_NORM}")
             names.update(hit)
         return names
@@ -326,15 +338,10 @@ class Transformer(nn.Module):
         cache = {}
         slots = torch.arange(past, past + T, device=idx.device) if kv_cache is not None else None
         for l, block in enumerate(self.model.layers):
-            name = f"blocks.{l}."
             kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
-            x, pattern, post = block(x, *rope[self.sliding[l]], local if self.sliding[l] else mask, kv,
-                                     name + "attn.hook_pattern" in want, pattern_rows,
-                                     name + "mlp.hook_post" in want)
-            for key, value in (("attn.hook_pattern", pattern), ("mlp.hook_post", post),
-                               ("hook_resid_post", x)):
-                if name + key in want:
-                    cache[name + key] = value
+            kinds = frozenset(kind for kind in HOOKS if f"blocks.{l}.{kind}" in want)
+            x, kept = block(x, *rope[self.sliding[l]], local if self.sliding[l] else mask, kv, kinds, pattern_rows)
+            cache.update((f"blocks.{l}.{kind}", value) for kind, value in kept.items())
         if kv_cache is not None:
             kv_cache.pos += T
         x = self.model.norm(x)
@@ -361,7 +368,7 @@ class Transformer(nn.Module):
         compile that inductor caches on disk for later runs. Generation runs them too: two more graphs
         (prompt, then one token at a time).
         options go to torch.compile (mode=..., backend=...)."""
-        # one graph per combination of grad mode, autocast, pattern capture, LoRA switch and attention path:
+        # one graph per combination of grad mode, autocast, internals captured, LoRA switch and attention path:
         # a process can need more than dynamo's default 8 (bench.py needs dozens), past which it runs eagerly
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in self.model.layers:

@@ -91,6 +91,37 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path):
         bench.run(bench.BenchConfig(out=str(tmp_path / "a_file" / "bench.json")))
 
 
+PLUGIN = """
+from consistency import target
+
+
+@target("bench_probe", reads="suffix", capture="blocks.*.hook_resid_post")
+def bench_probe(w, c, b):
+    raise AssertionError("no step runs in this test")
+"""
+
+
+def test_a_plugin_target_is_benchmarked_as_ours_only(tmp_path):
+    """A target of the user's own (--plugin) has no transformers version: the hf sides are refused in one line
+    before any work, and ours alone gets past that check (to the next one: the unwritable --out)."""
+    plugin = tmp_path / "probe.py"
+    plugin.write_text(PLUGIN)
+    (tmp_path / "a_file").write_text("")
+    try:
+        with pytest.raises(ValueError, match="--targets act\\+bench_probe: bench_hf.py has no transformers "
+                                             "version of bench_probe: benchmark it with --impls ours"):
+            bench.run(bench.BenchConfig(plugin=str(plugin), targets="act+bench_probe"))
+        with pytest.raises(ValueError, match="--out .*a_file/bench.json: cannot write"):
+            bench.run(bench.BenchConfig(plugin=str(plugin), targets="act+bench_probe", impls="ours",
+                                        out=str(tmp_path / "a_file" / "bench.json")))
+    finally:
+        C.TARGETS.pop("bench_probe", None)
+
+
+def test_default_targets_are_the_registered_ones_with_a_transformers_version():
+    assert bench.BenchConfig().targets == "bct,act,mlpct,attct"  # prefill has none
+
+
 def test_timeit_excludes_warmup_and_takes_the_median():
     calls = []
 
