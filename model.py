@@ -298,6 +298,30 @@ class Transformer(nn.Module):
         logits: True for every position, False for none (internals, or out.logits_at(positions) for a few).
         pattern_rows (B, C): captured attention patterns keep only these query positions, (B, H, C, T)."""
         want = self.resolve_capture(capture)
+        mask, local, pos = self.masks(idx, attention_mask, kv_cache)
+        x = self.model.embed_tokens(idx)
+        if self.cfg.embed_scale != 1.0:  # Gemma
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        rope = [self.rope(pos, self.inv_freq, x.dtype)] * 2  # [full layers, sliding layers]
+        if self.cfg.rope_local_theta:  # Gemma 3's sliding layers turn at their own rate
+            rope[1] = self.rope(pos, self.inv_freq_local, x.dtype)
+        cache = {}
+        slots = kv_cache.pos + torch.arange(idx.shape[1], device=idx.device) if kv_cache is not None else None
+        for l, block in enumerate(self.model.layers):
+            kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
+            kinds = frozenset(kind for kind in HOOKS if f"blocks.{l}.{kind}" in want)
+            x, kept = block(x, *rope[self.sliding[l]], local if self.sliding[l] else mask, kv, kinds, pattern_rows)
+            cache.update((f"blocks.{l}.{kind}", value) for kind, value in kept.items())
+        if kv_cache is not None:
+            kv_cache.pos += idx.shape[1]
+        x = self.model.norm(x)
+        if FINAL_NORM in want:
+            cache[FINAL_NORM] = x
+        return ModelOutput(self.head(x) if logits else None, cache, x, self.head)
+
+    def masks(self, idx, attention_mask, kv_cache):
+        """-> (mask, the sliding layers' mask, each query's position): masks (B, 1, T, S) over the S keys
+        attended to, or None for a plain causal batch (SDPA's own causal path); positions (B, T)."""
         B, T = idx.shape
         past = kv_cache.pos if kv_cache is not None else 0
         S = kv_cache.max_len if kv_cache is not None else T  # keys attended to
@@ -329,25 +353,7 @@ class Transformer(nn.Module):
             # in positions, not slots: a Chat's cache holds masked slots inside a row
             causal = mask if mask is not None else (k_idx[None, :] <= q_idx)[None, None]
             local = causal & (kpos[:, None, :] > pos[:, :, None] - self.cfg.sliding_window)[:, None]
-        x = self.model.embed_tokens(idx)
-        if self.cfg.embed_scale != 1.0:  # Gemma
-            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        rope = [self.rope(pos, self.inv_freq, x.dtype)] * 2  # [full layers, sliding layers]
-        if self.cfg.rope_local_theta:  # Gemma 3's sliding layers turn at their own rate
-            rope[1] = self.rope(pos, self.inv_freq_local, x.dtype)
-        cache = {}
-        slots = torch.arange(past, past + T, device=idx.device) if kv_cache is not None else None
-        for l, block in enumerate(self.model.layers):
-            kv = (*kv_cache.layers[l], slots) if kv_cache is not None else None
-            kinds = frozenset(kind for kind in HOOKS if f"blocks.{l}.{kind}" in want)
-            x, kept = block(x, *rope[self.sliding[l]], local if self.sliding[l] else mask, kv, kinds, pattern_rows)
-            cache.update((f"blocks.{l}.{kind}", value) for kind, value in kept.items())
-        if kv_cache is not None:
-            kv_cache.pos += T
-        x = self.model.norm(x)
-        if FINAL_NORM in want:
-            cache[FINAL_NORM] = x
-        return ModelOutput(self.head(x) if logits else None, cache, x, self.head)
+        return mask, local, pos
 
     @staticmethod
     def rope(pos, inv_freq, dtype):
