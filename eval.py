@@ -68,7 +68,7 @@ import threats as T
 from chat import Chat, chat_generate_ids, chat_prompt_ids, reply_text
 from checkpoint import EMBEDDED, fingerprint, load_model, non_finite, write_atomic
 from cli import check_ranges, cli, make_folder, native_bf16, pyplot
-from train import CHECKPOINTS
+from runs import CHECKPOINTS
 
 
 @dataclass
