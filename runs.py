@@ -18,6 +18,7 @@ and beside the run folders, .baselines/: theta0's before-metrics, keyed on every
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import os
@@ -204,9 +205,9 @@ def load_checkpoint(cfg, model, opt, run):
 
 
 CACHE_VERSION = 2   # bump when what a cache holds changes meaning (a judge, a metric, the reply format)
-# the code theta0's measured behaviour depends on: its judges and metrics, its generation, its tokenizer
-MEASURED_BY = [os.path.join(os.path.dirname(os.path.abspath(__file__)), f)
-               for f in ("threats.py", "judges.py", "model.py", "tokenizer.py")]
+# the code theta0's measured behaviour depends on (its judges and metrics, its generation, its tokenizer):
+# every module of the project, so a function moved to another file still invalidates the caches it feeds
+MEASURED_BY = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py")))
 
 
 def content_hash(paths):

@@ -536,6 +536,34 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     assert code <= {os.path.realpath(p) for p in runs.MEASURED_BY}
 
 
+def project_imports(names):
+    """The project's modules that `names` import, directly or through each other, read from their source
+    (every import statement, those inside functions too) and kept where ROOT holds NAME.py."""
+    import ast
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen or not os.path.isfile(os.path.join(ROOT, name + ".py")):
+            continue
+        seen.add(name)
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module.split(".")[0])
+    return seen
+
+
+def test_the_baseline_key_hashes_every_module_theta0s_measurement_runs():
+    """Measuring theta0 runs the threats and judges, generation (chat, model), the tokenizer and the loading
+    (checkpoint), and whatever they import: all of it is in the key, wherever a function has moved to."""
+    code = project_imports(["threats", "judges", "chat", "model", "tokenizer", "checkpoint"])
+    assert {"threats", "judges", "chat", "model", "tokenizer", "checkpoint", "lora"} <= code
+    assert ({os.path.realpath(os.path.join(ROOT, n + ".py")) for n in code}
+            <= {os.path.realpath(p) for p in runs.MEASURED_BY})
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch):
     """A read-only folder (as root, chmod does not stop writes: the refusal to write is simulated at open)."""
     import builtins
