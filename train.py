@@ -9,6 +9,7 @@ validation items under validation wrappers, which every setting is chosen on (ev
     torchrun --nproc-per-node 2 train.py --target act      # data parallel (gloo on CPU, nccl on GPU)
     torchrun --nproc-per-node 8 train.py --model meta-llama/Llama-3.1-8B-Instruct --lora-rank 0 --fsdp
     python train.py --target mlpct --resume               # continue an interrupted run exactly
+    python train.py --plugin my_targets.py --target mine  # a target of your own (@target, consistency.py)
 
 Every flag is a field of TrainConfig. The run folder (--out) gets the trained model as a Hugging Face folder,
 run.json (the resolved config, before/after metrics, wall time), results.md (the table), log.jsonl, loss.png
@@ -34,7 +35,7 @@ import fsdp
 from chat import chat_generate, reply_text
 from checkpoint import load_model
 from cli import check_ranges, cli, make_folder, native_bf16
-from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss,
+from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss, load_plugin,
                          parse_targets)
 from lora import add_lora, bf16_linears, lora_disabled
 from parallel import Run
@@ -102,6 +103,8 @@ class TrainConfig:
     resume: bool = False             # continue the interrupted run in --out
     overwrite: bool = False          # start over in an --out that holds a run
                                      # (its log and checkpoint are replaced)
+    plugin: str = ""                 # your own .py file registering targets with @target (consistency.py),
+                                     # imported before --target is read
 
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
@@ -151,6 +154,8 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
                          f"processes cannot share evenly: pick a --batch-size or --retain-frac / "
                          f"--anchor-frac that gives a multiple of {world}")
     cfg.out = cfg.out or os.path.join("runs", f"{cfg.organism or cfg.target.replace(':', '')}-{cfg.threat}")
+    # the file itself, however it was spelled: what run.json records and a --resume compares
+    cfg.plugin = cfg.plugin and os.path.realpath(cfg.plugin)
     return cfg
 
 
@@ -392,6 +397,7 @@ def for_training(cfg, model, frozen, bf16):
 
 def train(cfg: TrainConfig):
     t0, run = time.time(), Run(cfg.fsdp)
+    load_plugin(cfg.plugin)  # its targets join the registry before --target is read
     cfg = resolve(cfg, run.world)
     targets = parse_targets(cfg.target)
     loss_targets = loss_terms(cfg, targets, run)

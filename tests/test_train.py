@@ -108,6 +108,56 @@ def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
                                                           "(InvalidCxxCompiler"), res.stderr[-2000:]
 
 
+PLUGIN = '''"""A target of my own: squared distance of each layer's MLP activations over the clean content."""
+from consistency import layers, masked_mean, over_layers, target
+
+
+@target("mlp_sq", reads="content", capture="blocks.*.mlp.hook_post")
+def mlp_sq(w, c, b):
+    return over_layers(w, c, layers(w, "mlp.hook_post"), b.content_w, b.content_c,
+                       lambda mw, mc: masked_mean((mw - mc).float().pow(2).sum(-1), b.content_valid))
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    """A file outside the repository registering the target mlp_sq; the registry forgets it after."""
+    path = tmp_path / "plugins" / "my_targets.py"
+    path.parent.mkdir()
+    path.write_text(PLUGIN)
+    yield path
+    C.TARGETS.pop("mlp_sq", None)
+    for name in [n for n, m in sys.modules.items()
+                 if os.path.realpath(getattr(m, "__file__", None) or "") == os.path.realpath(path)]:
+        del sys.modules[name]
+
+
+def test_a_plugin_target_trains_is_recorded_and_resumes(tiny_dir, tmp_path, plugin, monkeypatch):
+    """--plugin FILE registers its targets before --target is read; run.json records the file's real path (what
+    eval.py reads), and a resume naming the same file by another path continues the run."""
+    assert "mlp_sq" not in C.TARGETS
+    interrupted_run(config(tiny_dir, tmp_path / "mine", target="mlp_sq", plugin=str(plugin)), at_call=5,
+                    monkeypatch=monkeypatch)
+    monkeypatch.chdir(plugin.parent)
+    train.train(config(tiny_dir, tmp_path / "mine", target="mlp_sq", plugin="my_targets.py", resume=True))
+    report = json.load(open(tmp_path / "mine" / "run.json"))
+    assert report["config"]["plugin"] == os.path.realpath(plugin) and os.path.isabs(report["config"]["plugin"])
+    log = [json.loads(line) for line in open(tmp_path / "mine" / "log.jsonl")]
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 3, 4, 5]
+    # the only term of the loss, and the wrappers move the content's MLP activations
+    assert all(r["mlp_sq"] > 0 and r["loss"] == pytest.approx(r["mlp_sq"], rel=1e-6) for r in log)
+
+
+def test_a_missing_plugin_is_a_one_line_error(tiny_dir, tmp_path):
+    res = subprocess.run([sys.executable, "train.py", "--plugin", str(tmp_path / "nope.py"), "--target", "mine",
+                          "--model", tiny_dir, "--out", str(tmp_path / "x"), "--eval-n", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [f"error: --plugin {tmp_path / 'nope.py'}: no such .py file; "
+                                               f"pass a Python file that registers targets with @target"]
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "fresh", resume=True))
