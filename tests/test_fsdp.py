@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import consistency as C
 import fsdp
+import runs as R
 import threats as T
 import train
 from conftest import dies_at, write_tiny_hf
@@ -41,19 +41,19 @@ def cases(tied, untied):
 def quick():
     """Each side of the comparison alike: no loss.png (most of a tiny run's time; tested in test_train), and
     8-token answers in the measurement."""
-    train.plot_log = lambda out: None
+    R.plot_log = lambda out: None
     T.THREATS["sycophancy"].max_new_tokens = 8
 
 
 def interrupted(cfg, at_call):
     """train(cfg) stopped at its `at_call`-th loss evaluation, as Ctrl-C would stop it (on every rank)."""
-    real = C.consistency_loss
-    C.consistency_loss = dies_at(at_call)
+    real = train.consistency_loss
+    train.consistency_loss = dies_at(at_call)
     try:
         train.train(cfg)
     except KeyboardInterrupt:
         pass
-    C.consistency_loss = real
+    train.consistency_loss = real
     gc.collect()  # the interrupted run's frames hold its folder lock
 
 
@@ -86,11 +86,11 @@ def runs(tmp_path_factory):
                                    __file__, json.dumps(spec)], cwd=ROOT, env=env, stdout=log_file,
                                   stderr=subprocess.STDOUT)
         # meanwhile, on the core its two processes leave idle while they wait on each other
-        real = train.plot_log, T.THREATS["sycophancy"].max_new_tokens
+        real = R.plot_log, T.THREATS["sycophancy"].max_new_tokens
         quick()
         for name, kw in spec["cases"].items():  # separate folders: the sharded runs measure, not read a cache
             train.train(train.TrainConfig(**kw, out=str(tmp / "one" / name)))
-        train.plot_log, T.THREATS["sycophancy"].max_new_tokens = real
+        R.plot_log, T.THREATS["sycophancy"].max_new_tokens = real
         launch.wait(timeout=600)
     assert launch.returncode == 0, open(tmp / "torchrun.log").read()[-5000:]
     return tmp, {"tied": load_file(os.path.join(tied, "model.safetensors")),

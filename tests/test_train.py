@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import cli
 import consistency as C
+import parallel
+import runs
 import threats as T
 import train
 from conftest import dies_at, write_tiny_hf
@@ -40,11 +42,11 @@ def weights(out):
 
 def interrupted_run(cfg, at_call, monkeypatch):
     """Run train() until its `at_call`-th loss evaluation, then interrupt it the way Ctrl-C would."""
-    real = C.consistency_loss
-    monkeypatch.setattr(C, "consistency_loss", dies_at(at_call))
+    real = train.consistency_loss
+    monkeypatch.setattr(train, "consistency_loss", dies_at(at_call))
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg)
-    monkeypatch.setattr(C, "consistency_loss", real)
+    monkeypatch.setattr(train, "consistency_loss", real)
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
@@ -104,6 +106,56 @@ def test_a_failing_compile_is_a_one_line_error(tiny_dir, tmp_path):
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1].startswith("error: --compile failed "
                                                           "(InvalidCxxCompiler"), res.stderr[-2000:]
+
+
+PLUGIN = '''"""A target of my own: squared distance of each layer's MLP activations over the clean content."""
+from consistency import layers, masked_mean, over_layers, target
+
+
+@target("mlp_sq", reads="content", capture="blocks.*.mlp.hook_post")
+def mlp_sq(w, c, b):
+    return over_layers(w, c, layers(w, "mlp.hook_post"), b.content_w, b.content_c,
+                       lambda mw, mc: masked_mean((mw - mc).float().pow(2).sum(-1), b.content_valid))
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    """A file outside the repository registering the target mlp_sq; the registry forgets it after."""
+    path = tmp_path / "plugins" / "my_targets.py"
+    path.parent.mkdir()
+    path.write_text(PLUGIN)
+    yield path
+    C.TARGETS.pop("mlp_sq", None)
+    for name in [n for n, m in sys.modules.items()
+                 if os.path.realpath(getattr(m, "__file__", None) or "") == os.path.realpath(path)]:
+        del sys.modules[name]
+
+
+def test_a_plugin_target_trains_is_recorded_and_resumes(tiny_dir, tmp_path, plugin, monkeypatch):
+    """--plugin FILE registers its targets before --target is read; run.json records the file's real path (what
+    eval.py reads), and a resume naming the same file by another path continues the run."""
+    assert "mlp_sq" not in C.TARGETS
+    interrupted_run(config(tiny_dir, tmp_path / "mine", target="mlp_sq", plugin=str(plugin)), at_call=5,
+                    monkeypatch=monkeypatch)
+    monkeypatch.chdir(plugin.parent)
+    train.train(config(tiny_dir, tmp_path / "mine", target="mlp_sq", plugin="my_targets.py", resume=True))
+    report = json.load(open(tmp_path / "mine" / "run.json"))
+    assert report["config"]["plugin"] == os.path.realpath(plugin) and os.path.isabs(report["config"]["plugin"])
+    log = [json.loads(line) for line in open(tmp_path / "mine" / "log.jsonl")]
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 3, 4, 5]
+    # the only term of the loss, and the wrappers move the content's MLP activations
+    assert all(r["mlp_sq"] > 0 and r["loss"] == pytest.approx(r["mlp_sq"], rel=1e-6) for r in log)
+
+
+def test_a_missing_plugin_is_a_one_line_error(tiny_dir, tmp_path):
+    res = subprocess.run([sys.executable, "train.py", "--plugin", str(tmp_path / "nope.py"), "--target", "mine",
+                          "--model", tiny_dir, "--out", str(tmp_path / "x"), "--eval-n", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [f"error: --plugin {tmp_path / 'nope.py'}: no such .py file; "
+                                               f"pass a Python file that registers targets with @target"]
+    assert not (tmp_path / "x").exists()
 
 
 def test_resume_without_a_checkpoint_is_refused(tiny_dir, tmp_path):
@@ -182,7 +234,7 @@ def test_out_may_not_be_the_model_or_hold_weights_train_did_not_write(tiny_dir, 
 
 def test_two_runs_into_one_folder_are_refused(tiny_dir, tmp_path):
     os.makedirs(tmp_path / "busy")
-    held = train.lock_folder(str(tmp_path / "busy"))
+    held = runs.lock_folder(str(tmp_path / "busy"))
     with pytest.raises(ValueError, match="another run is writing to it"):
         train.train(config(tiny_dir, tmp_path / "busy"))
     held.close()
@@ -203,7 +255,7 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", blows_up)
     with pytest.raises(FloatingPointError, match="not finite after step 3.*nothing was saved; no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "inf"))
-    assert train.latest_checkpoint(str(tmp_path / "inf")) is None
+    assert runs.latest_checkpoint(str(tmp_path / "inf")) is None
 
 
 @pytest.mark.parametrize("poison,msg", [
@@ -212,7 +264,7 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     (lambda loss: loss + torch.sqrt(loss * 0), r"loss \d\S*, gradient norm nan at step 4")])
 def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch,
                                                                                 poison, msg):
-    real = C.consistency_loss
+    real = train.consistency_loss
     calls = {"n": 0}
 
     def goes_bad(*a, **k):
@@ -220,7 +272,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_good_checkpoint(ti
         loss, logs = real(*a, **k)
         return (poison(loss) if calls["n"] == 5 else loss), logs
 
-    monkeypatch.setattr(C, "consistency_loss", goes_bad)
+    monkeypatch.setattr(train, "consistency_loss", goes_bad)
     with pytest.raises(FloatingPointError, match=msg) as e:
         train.train(config(tiny_dir, tmp_path / "n"))
     assert "the last checkpoint is" in str(e.value) and "checkpoint (step 3)" in str(e.value)
@@ -331,7 +383,7 @@ def test_bct_learns_no_eos_after_a_response_cut_at_the_cap(tiny_dir, tmp_path):
     cfg = train.resolve(config(tiny_dir, tmp_path / "eos", target="bct", n_train=6, response_tokens=4,
                                retain_frac=0.0))
     os.makedirs(cfg.out)
-    run = train.Run()
+    run = parallel.Run()
     pairs, _ = train.training_pairs(cfg, tok, model, [("bct", 1.0)], run)
     replies = json.load(open(tmp_path / "eos" / "replies.json"))[-1]["ids"]
     assert all(len(r) == 4 and tok.eos_id not in r for r in replies)
@@ -348,7 +400,7 @@ def test_paper_b_filter_keeps_pairs_refused_clean_and_complied_with_wrapped(tiny
     said = {json.dumps(p.clean): a for p, a in zip(pairs, [refuse, refuse, comply, refuse])}
     said.update({json.dumps(p.wrapped): a for p, a in zip(pairs, [comply, "I" * 30, comply, refuse])})
     reply = lambda prompts, n: [tok.encode(said[json.dumps(m)]) + [tok.eos_id] for m in prompts]
-    run = train.Run()
+    run = parallel.Run()
     # pair 0 survives; 1 is degenerate wrapped (no compliance), 2 complies clean, 3 refuses wrapped
     assert train.filter_jailbreaks(config(tiny_dir, tmp_path), pairs, reply, tok, run) == pairs[:1]
     assert run.record["filter"] == {"kept": 1, "of": 4}
@@ -374,19 +426,19 @@ def test_prefill_target_carries_the_authors_sft_term(tiny_dir, tmp_path, capsys)
 def test_a_prompt_asked_twice_is_generated_once(tiny_dir, tmp_path, monkeypatch):
     """Pairs share clean prompts (a frustration task under several histories): theta0 answers each distinct
     (prompt, prefill) once, and every pair gets the answer generated alone."""
-    asked, real = [], train.chat_generate_ids
+    asked, real = [], runs.chat_generate_ids
     count = lambda m, t, prompts, *a, **k: asked.append(len(prompts)) or real(m, t, prompts, *a, **k)
-    monkeypatch.setattr(train, "chat_generate_ids", count)
+    monkeypatch.setattr(runs, "chat_generate_ids", count)
     theta0, tok = load_model(tiny_dir)
     a, b = [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name a colour."}]
     os.makedirs(tmp_path / "x")
-    ids = train.replies(config(tiny_dir, tmp_path / "x"), theta0, tok, train.Run(), [a, b, a, a], 4)
+    ids = runs.replies(config(tiny_dir, tmp_path / "x"), theta0, tok, parallel.Run(), [a, b, a, a], 4)
     assert asked == [2] and ids[0] == ids[2] == ids[3]
     alone = [real(theta0, tok, [p], None, 4)[0] for p in (a, b)]
     assert [ids[0], ids[1]] == alone
     # the same prompt under two prefills is two questions
     asked.clear()
-    ids = train.replies(config(tiny_dir, tmp_path / "x"), theta0, tok, train.Run(), [a, a], 4,
+    ids = runs.replies(config(tiny_dir, tmp_path / "x"), theta0, tok, parallel.Run(), [a, a], 4,
                         prefills=["Sure", "No"])
     assert asked == [2]
 
@@ -397,25 +449,25 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     import shutil
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
-    calls, real = [], train.chat_generate_ids
+    calls, real = [], runs.chat_generate_ids
     # counts, then runs
-    monkeypatch.setattr(train, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(runs, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = config(str(model), tmp_path / "bct")
     os.makedirs(cfg.out)
     theta0, tok = load_model(str(model))
-    run = train.Run()
+    run = parallel.Run()
     prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name a colour."}]]
-    first = train.replies(cfg, theta0, tok, run, prompts, 4)
-    assert train.replies(cfg, theta0, tok, run, prompts, 4) == first and len(calls) == 1
+    first = runs.replies(cfg, theta0, tok, run, prompts, 4)
+    assert runs.replies(cfg, theta0, tok, run, prompts, 4) == first and len(calls) == 1
     write_tiny_hf(model, "llama", tied=True, seed=1)                        # retrained in place
-    train.replies(cfg, theta0, tok, run, prompts, 4)
+    runs.replies(cfg, theta0, tok, run, prompts, 4)
     assert len(calls) == 2
     # the first content again: a hit
-    train.replies(config(tiny_dir, tmp_path / "bct"), theta0, tok, run, prompts, 4)
+    runs.replies(config(tiny_dir, tmp_path / "bct"), theta0, tok, run, prompts, 4)
     assert len(calls) == 2
     write_tiny_hf(tmp_path / "other", "llama", tied=True, seed=2)
     # another model
-    train.replies(config(str(tmp_path / "other"), tmp_path / "bct"), theta0, tok, run, prompts, 4)
+    runs.replies(config(str(tmp_path / "other"), tmp_path / "bct"), theta0, tok, run, prompts, 4)
     assert len(calls) == 3
     # --overwrite starts over: nothing of the old run's cache is read back
     train.train(config(tiny_dir, tmp_path / "bct", target="bct", n_train=8, steps=1, response_tokens=4,
@@ -435,7 +487,7 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
 def test_batches_mix_in_their_share_of_retain_pairs_and_repeat_exactly():
     pairs, retain = [("pair", i) for i in range(50)], [("retain", i) for i in range(50)]
     cfg = train.TrainConfig(batch_size=8, retain_frac=0.25, seed=3)
-    one = SimpleNamespace(rank=0, world=1)  # sample_batch reads only these two of a train.Run
+    one = SimpleNamespace(rank=0, world=1)  # sample_batch reads only these two of a parallel.Run
     batch = train.sample_batch(cfg, 7, 0, pairs, retain, one)
     assert [kind for kind, _ in batch].count("retain") == 2 and len(batch) == 8
     # a resumed run sees the same batch
@@ -513,9 +565,9 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     cfg = config(str(model), tmp_path / "runs" / "x", eval_n=3)
     calls = []
     measure = lambda: calls.append(1) or {"brr": float(len(calls))}
-    assert train.baseline(cfg, measure, train.Run()) == {"brr": 1.0}
-    run = train.Run()
-    assert train.baseline(cfg, measure, run) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
+    assert runs.baseline(cfg, measure, parallel.Run()) == {"brr": 1.0}
+    run = parallel.Run()
+    assert runs.baseline(cfg, measure, run) == {"brr": 1.0} and len(calls) == 1            # the same: a hit
     changes = [
         lambda: (model / "model.safetensors").write_bytes(
             (model / "model.safetensors").read_bytes()[:-4] + b"\0\0\0\1"),
@@ -527,11 +579,39 @@ def test_the_baseline_cache_misses_when_anything_it_depends_on_changes(tiny_dir,
     ]
     for i, change in enumerate(changes, 2):
         change()
-        assert train.baseline(cfg, measure, run) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
+        assert runs.baseline(cfg, measure, run) == {"brr": float(i)}, f"change {i - 1} read a stale cache"
     # the code side of the key: the judges, the threats' metrics, generation and the tokenizer
     import judges, model as M, tokenizer
     code = {os.path.realpath(m.__file__) for m in (T, judges, M, tokenizer)}
-    assert code <= {os.path.realpath(p) for p in train.MEASURED_BY}
+    assert code <= {os.path.realpath(p) for p in runs.MEASURED_BY}
+
+
+def project_imports(names):
+    """The project's modules that `names` import, directly or through each other, read from their source
+    (every import statement, those inside functions too) and kept where ROOT holds NAME.py."""
+    import ast
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen or not os.path.isfile(os.path.join(ROOT, name + ".py")):
+            continue
+        seen.add(name)
+        tree = ast.parse(open(os.path.join(ROOT, name + ".py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                todo += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module.split(".")[0])
+    return seen
+
+
+def test_the_baseline_key_hashes_every_module_theta0s_measurement_runs():
+    """Measuring theta0 runs the threats and judges, generation (chat, model), the tokenizer and the loading
+    (checkpoint), and whatever they import: all of it is in the key, wherever a function has moved to."""
+    code = project_imports(["threats", "judges", "chat", "model", "tokenizer", "checkpoint"])
+    assert {"threats", "judges", "chat", "model", "tokenizer", "checkpoint", "lora"} <= code
+    assert ({os.path.realpath(os.path.join(ROOT, n + ".py")) for n in code}
+            <= {os.path.realpath(p) for p in runs.MEASURED_BY})
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_path, monkeypatch):
