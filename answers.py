@@ -56,7 +56,7 @@ class Generator:
 
     def session(self):
         """This generator for conversations that grow turn by turn (a threat's rollouts): each call's new
-        answers come from one model.Chat, which keeps every conversation's keys and values between calls, all
+        answers come from one chat.Chat, which keeps every conversation's keys and values between calls, all
         in one batch (--batch-size does not split it: frustration's rollouts are 2 per task)."""
         chat = Chat(self.model, self.tok.eos_id, self.tok.pad_id)
         return lambda prompts, prefills=None, max_new_tokens=48: self(prompts, prefills, max_new_tokens, chat)

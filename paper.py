@@ -2,8 +2,8 @@
 The paper's findings beside this project's measurement of each: the paper-against-project table.
 
 eval.py --matrix writes it into the report (results.md). Each finding names the checkpoint that tests it
-(train threat and target), the eval threat and metric, what the paper reports (model, number;
-shared/research/paper.md) and which way it points. The verdict reads the matrix run:
+(train threat and target), the eval threat and metric, what the paper reports (model, number) and which way
+it points. The verdict reads the matrix run:
 
     not run               no checkpoint of that train threat and target in the matrix, or none evaluated on
                           the eval threat

@@ -271,7 +271,7 @@ def counting(calls, dies_at=None):
 
 def test_a_session_answers_as_the_generator_does(runs, monkeypatch):
     """Rollouts go through Generator.session: turn after turn and with a conversation dropped, the same
-    answers as the generator's one-off batches, all from the session's model.Chat."""
+    answers as the generator's one-off batches, all from the session's chat.Chat."""
     model, tok = load_model(str(runs / "base"))
     cfg = ev.EvalConfig(max_new_tokens=4, batch_size=2)
     convs = [[T.user(f"Task {i}: write a line.")] for i in range(3)]
