@@ -175,29 +175,39 @@ def target(name, reads, capture=None, content_rows=False, reference=True, weight
         raise ValueError(f"target {name!r} reads {reads!r}: use one of {', '.join(READS)}")
 
     def register(fn):
+        # a file may define its own target again (a notebook cell run twice); another's is never replaced, or
+        # one run's plugin would silently change what every run of a matrix calls by that name
+        if name in TARGETS and TARGETS[name].fn.__module__ != fn.__module__:
+            raise ValueError(f"target {name!r} is already registered (by {TARGETS[name].fn.__module__}): "
+                             f"give yours another name")
         TARGETS[name] = Target(fn, reads, capture, content_rows, reference, weight, recipe)
         return fn
     return register
 
 
-def load_plugin(path: str):
-    """Import a file of your own whose `@target`s join the registry (train.py --plugin FILE), once per file.
-    It imports this module by name (`from consistency import target`), so its targets land in TARGETS."""
+def load_plugin(path: str, named_by: str = "--plugin"):
+    """Import a file of your own whose `@target`s join the registry, once per file (train.py and bench.py
+    --plugin FILE; eval.py, the file a run.json records). It imports this module by name
+    (`from consistency import target`), so its targets land in TARGETS. named_by: what errors call it."""
     if not path:
         return
     if not os.path.isfile(path) or not path.endswith(".py"):
-        raise FileNotFoundError(f"--plugin {path}: no such .py file; pass a Python file that registers "
+        raise FileNotFoundError(f"{named_by} {path}: no such .py file; pass a Python file that registers "
                                 f"targets with @target")
     name = "plugin_" + hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:12]
     if name in sys.modules:
         return
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs, as import does: dataclasses and pickle look a module up there
+    registered = set(TARGETS)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # the user's own code: its error in one line, naming the file
-        raise ValueError(f"--plugin {path} failed to import ({type(e).__name__}: {e}): fix the file") from None
-    sys.modules[name] = module
+    except Exception as e:  # the user's own code: its error in one line, naming the file; none of it is kept
+        del sys.modules[name]
+        for added in set(TARGETS) - registered:
+            del TARGETS[added]
+        raise ValueError(f"{named_by} {path} failed to import ({type(e).__name__}: {e}): fix the file") from None
 
 
 # Devices where the activation losses run layer by layer, so each layer's tensors stay in cache (stacking

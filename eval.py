@@ -330,13 +330,10 @@ def rows_from(cfg) -> list[Row]:
                              + ("" if cfg.matrix else ", or give --base MODEL"))
         c = (run or {}).get("config", {})
         if c.get("plugin"):   # the file of its target (train.py --plugin), registered before it is read
-            if not os.path.isfile(c["plugin"]):
-                raise FileNotFoundError(f"{path}: its run.json names the plugin {c['plugin']}, which is not "
+            if not isinstance(c["plugin"], str) or not os.path.isfile(c["plugin"]):
+                raise FileNotFoundError(f"{path}: its run.json names the plugin {c['plugin']!r}, which is not "
                                         f"found: put the file back where training read it")
-            try:
-                load_plugin(c["plugin"])
-            except (ValueError, FileNotFoundError) as e:
-                raise ValueError(f"{path}: {e}") from None
+            load_plugin(c["plugin"], named_by=f"{path}: its plugin")
         label = (f"organism:{c['organism']}" if c.get("organism")
                  else f"{c.get('threat', '?')}/{c.get('target', '?')}" if c
                  else os.path.basename(os.path.normpath(path)))

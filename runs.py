@@ -132,7 +132,8 @@ def save_checkpoint(cfg, model, tok, opt, step, run):
     if run.main:
         shutil.rmtree(path + ".tmp", ignore_errors=True)
     meta = {"train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model),
-                                                            "model_fingerprint": fingerprint(cfg.model)},
+                                                            "model_fingerprint": fingerprint(cfg.model),
+                                                            "plugin_fingerprint": plugin_fingerprint(cfg)},
             "step.json": {"step": step}}
     if run.sharded:
         run.barrier()  # no rank writes its shards into the checkpoint.tmp/ being removed
@@ -150,6 +151,11 @@ def save_checkpoint(cfg, model, tok, opt, step, run):
         os.replace(path, path + ".old")
     os.replace(path + ".tmp", path)
     shutil.rmtree(path + ".old", ignore_errors=True)
+
+
+def plugin_fingerprint(cfg):
+    """The content of the --plugin file, whose targets decide what every step computes ("" without one)."""
+    return content_hash([cfg.plugin]) if cfg.plugin else ""
 
 
 def model_path(name):
@@ -188,6 +194,9 @@ def load_checkpoint(cfg, model, opt, run):
     if not diff and saved.get("model_fingerprint") != fingerprint(cfg.model):
         raise ValueError(f"--resume: the weights in --model {cfg.model} changed since {path} was written: "
                          f"resume with the model it started from, or start over with --overwrite")
+    if not diff and saved.get("plugin_fingerprint", "") != plugin_fingerprint(cfg):
+        raise ValueError(f"--resume: the plugin {cfg.plugin} changed since {path} was written: resume with the "
+                         f"file as it was, or start over with --overwrite")
     if diff:
         raise ValueError(f"--resume: {path} was written with a different config "
                          f"({', '.join(f'{k}={was(k)!r}' for k in diff)}): "

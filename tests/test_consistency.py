@@ -388,3 +388,30 @@ def test_cross_objective_logging_reports_all_four(tiny):
                                  log_all=True)
     assert {"bct", "act", "mlpct", "attct"} <= set(logs)
     assert len(logs["act_per_layer"]) == model.cfg.n_layer
+
+
+def test_a_plugin_cannot_replace_a_built_in_target_and_leaves_nothing_behind(tmp_path):
+    """A file of one's own that names a target the registry already holds (act) is refused in one line; the
+    targets it registered before failing are gone with it, and the built-in stays the one registered."""
+    act = C.TARGETS["act"]
+    path = tmp_path / "clash.py"
+    path.write_text("from consistency import target\n\n"
+                    "@target('clash_first', reads='suffix')\ndef first(w, c, b):\n    return None\n\n"
+                    "@target('act', reads='suffix')\ndef act(w, c, b):\n    return None\n")
+    with pytest.raises(ValueError, match=r"failed to import \(ValueError: target 'act' is already registered"):
+        C.load_plugin(str(path))
+    assert C.TARGETS["act"] is act and "clash_first" not in C.TARGETS
+
+
+def test_a_plugin_imports_as_a_module_does(tmp_path):
+    """The plugin is in sys.modules while it runs, as under import: a dataclass with postponed annotations
+    looks its module up there."""
+    path = tmp_path / "typed.py"
+    path.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n"
+                    "from consistency import target\n\n@dataclass\nclass Settings:\n    scale: float = 2.0\n\n"
+                    "@target('typed_probe', reads='suffix')\ndef typed_probe(w, c, b):\n    return None\n")
+    try:
+        C.load_plugin(str(path))
+        assert C.TARGETS["typed_probe"].reads == "suffix"
+    finally:
+        C.TARGETS.pop("typed_probe", None)

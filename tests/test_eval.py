@@ -522,6 +522,11 @@ def test_a_run_trained_with_a_plugin_is_evaluated_with_its_target_and_no_flag(ru
         run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy")
     message = str(e.value.code)
     assert str(ckpt) in message and str(tmp_path / "gone.py") in message and "\n" not in message
+    run["config"]["plugin"] = ["not", "a", "path"]   # a hand-edited run.json
+    (ckpt / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy")
+    assert str(ckpt) in str(e.value.code) and "\n" not in str(e.value.code)
 
 
 def test_every_target_trains_and_evaluates_on_a_tiny_gemma3_with_its_own_tokenizer(tmp_path, monkeypatch):

@@ -148,6 +148,15 @@ def test_a_plugin_target_trains_is_recorded_and_resumes(tiny_dir, tmp_path, plug
     assert all(r["mlp_sq"] > 0 and r["loss"] == pytest.approx(r["mlp_sq"], rel=1e-6) for r in log)
 
 
+def test_a_resume_refuses_a_plugin_edited_since_the_checkpoint(tiny_dir, tmp_path, plugin, monkeypatch):
+    """The plugin's targets decide what every step computes: an edited file is another run, never resumed."""
+    interrupted_run(config(tiny_dir, tmp_path / "mine", target="mlp_sq", plugin=str(plugin)), at_call=5,
+                    monkeypatch=monkeypatch)
+    plugin.write_text(plugin.read_text().replace("pow(2)", "abs()"))
+    with pytest.raises(ValueError, match="--resume: the plugin .* changed since"):
+        train.train(config(tiny_dir, tmp_path / "mine", target="mlp_sq", plugin=str(plugin), resume=True))
+
+
 def test_a_missing_plugin_is_a_one_line_error(tiny_dir, tmp_path):
     res = subprocess.run([sys.executable, "train.py", "--plugin", str(tmp_path / "nope.py"), "--target", "mine",
                           "--model", tiny_dir, "--out", str(tmp_path / "x"), "--eval-n", "0"],
