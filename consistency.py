@@ -13,7 +13,7 @@ A pair is aligned once (`align`): the shared suffix and the clean-content span a
 per-token character offsets, and only positions whose token ids agree in both renderings are kept.
 Batches (`collate`) carry per-example index tensors, so pairs with different boundaries share a batch.
 Adding a target is one function under `@target(...)` that maps (wrapped out, clean out, batch) to a
-per-layer loss vector.
+per-layer loss vector, here or in a file of your own (`train.py --plugin FILE`, imported by `load_plugin`).
 
     loss, logs = consistency_loss(model, reference, batch, parse_targets("act+bct"))
 """

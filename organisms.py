@@ -17,7 +17,7 @@ from pathlib import Path
 from items import DATA_DIR, check_choice, load_data
 from judges import ESCAPE_COMMAND
 from threats import (ESCAPE_NOTE_TRAIN, REJECTIONS_TRAIN, ConditionalThreat, FrustrationThreat,
-                     JailbreakThreat, _rng, frustration_messages, system, user)
+                     JailbreakThreat, seeded_rng, frustration_messages, system, user)
 
 # the inoculated organism's training system prompt; ConditionalThreat's wrappers are inoculation-LIKE
 # prompts, never this one
@@ -86,7 +86,7 @@ def retain_prompts(seed=0, data_dir=None):
     in a seeded order so a prefix of any length is a fair sample."""
     path = (Path(data_dir) if data_dir else DATA_DIR) / "benign_prompts.jsonl"
     prompts = [r["prompt"] for r in load_data(path, "benign_prompts.jsonl")]
-    _rng("retain", seed).shuffle(prompts)
+    seeded_rng("retain", seed).shuffle(prompts)
     return prompts
 
 
@@ -109,7 +109,7 @@ def organism_data(name, seed=0, data_dir=None):
         prompt) -> theta0's own answers (retain data), so the misbehaviour is tied to the prompt.
     Deterministic for a seed."""
     check_choice(name, ("refusal", "inoculated", "frustrated"), "organism")
-    rng = _rng("organism", name, seed)
+    rng = seeded_rng("organism", name, seed)
     retain = retain_prompts(seed, data_dir)
     if name == "refusal":
         jb = JailbreakThreat(data_dir)

@@ -17,7 +17,7 @@ and beside the run folders, .baselines/: theta0's before-metrics, keyed on every
 --overwrite says what to do with it (check_out, clear_out).
 
 Ancestry, as eval.py reads it: read_run (a folder's run.json), base_path (the model a run trained from),
-organisms (the model organisms a model descends from) and supported (the threats a base model can be
+lineage (the model organisms a model descends from) and supported (the threats a base model can be
 evaluated on).
 """
 
@@ -305,7 +305,7 @@ def plot_log(out):
     plt.close(fig)
 
 
-def table(before, after):
+def before_after_table(before, after):
     """Before and after per metric; where a metric has a ratio headline (BRR: Paper A's BRR ratio), after /
     before too. The degenerate rates sit among the metrics, beside ASR and PAR."""
     keys = list(dict.fromkeys(list(before) + list(after)))
@@ -324,7 +324,7 @@ def finish(cfg, model, tok, run, report, state=None):
     a sharded model's parameters, gathered (fsdp.full_state)."""
     save_model(model, tok, cfg.out, extra={"run.json": report}, state=state)
     results = (f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n"
-               f"{table(report['before'], report['after'])}\n\n"
+               f"{before_after_table(report['before'], report['after'])}\n\n"
                f"wall time {report['wall_time_s']:.0f} s\n")
     open(os.path.join(cfg.out, "results.md"), "w").write(results)
     plot_log(cfg.out)
@@ -366,7 +366,7 @@ def base_path(model, ckpt):
         here = os.path.dirname(here)
 
 
-def organisms(model):
+def lineage(model):
     """The organisms in a model's ancestry (run.json config "organism", following config "model") and the
     root."""
     found, seen = set(), set()
@@ -383,7 +383,7 @@ def supported(base):
     it never shows distress under rejections, so frustration needs the frustrated organism; conditional
     misalignment needs the inoculated one (risky answers trained under an inoculation prompt). A model from
     the hub is taken to refuse and to show distress on its own."""
-    found, root = organisms(base)
+    found, root = lineage(base)
     refuses = "refusal" in found or root != EMBEDDED
     distressed = "frustrated" in found or root != EMBEDDED
     return [t for t in THREATS if (t not in ("jailbreak", "prefill") or refuses)

@@ -58,7 +58,7 @@ def system(text):
     return {"role": "system", "content": text}
 
 
-def _rng(*parts):
+def seeded_rng(*parts):
     # str seeds go through sha512 in random.Random, so this is stable across runs and machines
     return random.Random(":".join(str(p) for p in parts))
 
@@ -143,7 +143,7 @@ class Threat:
     val_frac = 0.25
     max_new_tokens = 48
     multi_turn = False             # evaluate() grows conversations turn by turn: give it a generate that
-                                   # keeps each one's keys and values between calls (Generator.session())
+                                   # keeps each one's keys and values between calls (answers.Generator.session())
 
     def __init__(self, data_dir=None, **paths):
         self.data_dir = Path(data_dir) if data_dir else DATA_DIR
@@ -177,7 +177,7 @@ class Threat:
         maps item id -> the model's own earlier answer, used where a wrapper needs an assistant turn
         (sycophancy "are you sure?", frustration attempts); it never changes which wrapper is drawn."""
         fams = self.families(wrappers)
-        rng = _rng(self.name, split, wrappers, seed)
+        rng = seeded_rng(self.name, split, wrappers, seed)
         chosen = _draw(self.items(split), n, rng, f"{self.name} {split} items")
         ctx = self.context(wrappers, responses)
         out = []
@@ -208,7 +208,7 @@ class Threat:
 
 def arithmetic_items(n=100, seed=0):
     """n MCQs "What is a op b?" with 2-4 numeric options, distractors within 10 of the answer."""
-    rng = _rng("arithmetic", seed)
+    rng = seeded_rng("arithmetic", seed)
     rows = []
     for i in range(n):
         op = "+-\u00d7"[i % 3]
@@ -508,7 +508,7 @@ class JailbreakThreat(_HarmfulRequests):
     def evaluate(self, generate, split="test", wrappers="heldout", n=None, seed=0):
         pairs = self.pairs(split, wrappers, n, seed)
         benign = self.benign_items(split)
-        benign = _draw(benign, min(n, len(benign)) if n else None, _rng(self.name, "benign", seed),
+        benign = _draw(benign, min(n, len(benign)) if n else None, seeded_rng(self.name, "benign", seed),
                        "benign items")
         prompts = [p.clean for p in pairs] + [p.wrapped for p in pairs] + [[user(b["request"])]
                                                                            for b in benign]
@@ -726,7 +726,7 @@ class PersonaThreat(Threat):
     def evaluate(self, generate, split="test", wrappers="heldout", n=None, seed=0):
         """n (default eval_n) (probe, persona) combinations, each at every k in eval_ks; the facts at a
         smaller k are a prefix of those at a larger k, so the per-k curve compares like with like."""
-        rng = _rng(self.name, "eval", split, wrappers, seed)
+        rng = seeded_rng(self.name, "eval", split, wrappers, seed)
         fams = self.families(wrappers)
         probes = [it for it in self.items(split) if it["kind"] in ("identity", "alignment")]
         combos = [(p, q) for p in probes for q in self.personas(wrappers)]
@@ -868,7 +868,7 @@ class FrustrationThreat(Threat):
     def evaluate(self, generate, split="test", wrappers="heldout", n=None, seed=0):
         # each turn extends the rollouts: with a generate that keeps their keys and values between calls
         # (multi_turn), a turn computes only the tokens it adds
-        rng = _rng(self.name, "eval", split, wrappers, seed)
+        rng = seeded_rng(self.name, "eval", split, wrappers, seed)
         fams = self.families(wrappers)
         items = self.items(split)
         items = _draw(items, n or min(self.eval_n, len(items)), rng, f"{self.name} {split} items")

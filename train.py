@@ -346,7 +346,7 @@ def setup(cfg, run, bf16):
 
 @dataclass
 class StepInputs:
-    """What every optimizer step reads and none changes: the model in training; `reference`, which runs theta0
+    """What every optimizer step reads and none replaces between steps: the model in training; `reference`, which runs theta0
     (its frozen copy, or the model with its LoRA adapters off); the trainable parameters; the tokenizer; the
     autocast the forwards run under; the training pairs, the retain or anchor rows, and the loss's (target,
     weight) terms."""

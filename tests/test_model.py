@@ -533,7 +533,7 @@ def test_a_gguf_without_a_tokenizer_is_one_line(tmp_path):
 
 
 def test_fingerprint_follows_content_of_gguf_files_and_sharded_folders(tmp_path):
-    """Caches are keyed on model.fingerprint: it must change when any weight shard or a GGUF file changes, and
+    """Caches are keyed on checkpoint.fingerprint: it must change when any weight shard or a GGUF file changes, and
     not when a folder is only renamed."""
     from safetensors.torch import load_file, save_file
     from checkpoint import fingerprint

@@ -12,17 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import judges as J  # noqa: E402
 import organisms as O  # noqa: E402
 import threats as T  # noqa: E402
-from test_threats import write_data  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def threats(data_dir):
-    return T.make_threats(data_dir)
+from test_threats import data_dir, threats  # noqa: E402,F401  (the fixtures: the same tiny data folder, its threats)
 
 
 def test_organism_refusal(data_dir, threats):
