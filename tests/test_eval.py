@@ -16,6 +16,7 @@ import answers
 import consistency as C
 import eval as ev
 import paper
+import runs as runs_module   # `runs` names the fixture of run folders
 import threats as T
 import train
 from conftest import write_tiny_hf
@@ -303,6 +304,25 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     answers.Generator(model, tok, dataclasses.replace(cfg, gen_dtype="bf16"), path=str(path),
                       stamp=stamp)(prompts)
     assert calls == [5, 1, 5]
+
+
+def test_answers_of_other_code_are_not_read_back(runs, tmp_path, monkeypatch):
+    """The kept answers are keyed on the code that produces them: after an edit to it (here a stand-in
+    module in the hashed list), a rerun into the same file generates them again; unedited, it reads them."""
+    model, tok = load_model(str(runs / "base"))
+    cfg, stamp, path = (ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")),
+                        str(tmp_path / "a.jsonl"))
+    code = tmp_path / "chat_stand_in.py"
+    code.write_text("STEPS = 1\n")
+    monkeypatch.setattr(runs_module, "MEASURED_BY", [str(code)])
+    calls = []
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
+    prompts = [[T.user(f"Question {i}?")] for i in range(4)]
+    first = answers.Generator(model, tok, cfg, path=path, stamp=stamp)(prompts)
+    assert answers.Generator(model, tok, cfg, path=path, stamp=stamp)(prompts) == first and calls == [4]
+    code.write_text("STEPS = 2\n")
+    answers.Generator(model, tok, cfg, path=path, stamp=stamp)(prompts)
+    assert calls == [4, 4]
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
