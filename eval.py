@@ -34,7 +34,8 @@ has that file imported first, so its targets are in the registry when the run is
 
 Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
 checkpoint files are never written):
-    results.json   resolved config, per-model metrics and intervals, changes, matrix, mechanism, wall time
+    results.json   resolved config, per-model metrics and intervals (with the fingerprint of the weights
+                   and a hash of the code that measured them), changes, matrix, mechanism, wall time
     results.md     the same as markdown tables (also printed); with --matrix, the paper's findings beside
                    what this run measured of each, with a verdict (paper.py)
     bars.png       grouped bars per threat, base vs trained, with 95% error bars
@@ -43,7 +44,7 @@ checkpoint files are never written):
     records/       every judged answer, one JSONL per model and threat
     answers/       every generated answer as it comes, one JSONL per model: rerun the same command after an
                    interruption and it reads them back instead of generating them again (the file of another
-                   model, weights, --gen-dtype or --batch-size is started afresh)
+                   model, weights, code, --gen-dtype or --batch-size is started afresh)
     verdicts/      (--judge) every reply of the judge model, kept and read back the same way
 """
 
@@ -69,7 +70,7 @@ from cli import check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
 from report import matrix, slug, write_outputs
-from runs import CHECKPOINTS, base_path, read_run, supported
+from runs import CHECKPOINTS, MEASURED_BY, base_path, content_hash, read_run, supported
 from stats import bootstrap_change, score
 from threats import EVAL_WRAPPERS, REFUSED, THREATS, eval_size, mix, user
 
@@ -304,14 +305,24 @@ class Row:
 
 
 def load_finite(path):
-    """load_model, refusing weights that are not finite: a diverged run's answers would be scored as
-    behaviour."""
+    """load_model, refusing weights that are not finite (a diverged run's answers would be scored as
+    behaviour), and the fingerprint of the weights loaded, taken before they are read (unchanged checks it
+    still holds)."""
+    fp = fingerprint(path)
     model, tok = load_model(path)
     bad = non_finite(model)
     if bad:
         raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): "
                          f"the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr")
-    return model, tok
+    return model, tok, fp
+
+
+def unchanged(path, fp):
+    """Refuse a model whose files changed since load_finite read them (a train.py --overwrite of its folder
+    finished mid-eval): its results would describe weights that are no longer there."""
+    if fingerprint(path) != fp:
+        raise ValueError(f"{path}: its weights changed while they were evaluated (a training run wrote "
+                         f"them?); results.json was not written: rerun the eval once they are final")
 
 
 def rows_from(cfg) -> list[Row]:
@@ -373,13 +384,16 @@ def save_records(out, label, name, records):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def evaluate_model(model, tok, label, name_or_path, threats, cfg, progress, judge=None):
-    """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its
-    generate). Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped.
-    With a model judge (its generate), its verdicts replace the lexicons' (model_judge.rejudge)."""
-    gen = Generator(model, tok, cfg, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"),
-                    fingerprint(name_or_path), progress)
-    res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
+def evaluate_model(model, tok, label, fp, threats, cfg, progress, judge=None):
+    """Scores of one model (fp: its weights' fingerprint) on `threats` and capability -> (results,
+    {name: (records, metrics_fn)}, its generate). Its answers are kept in OUT/answers/, so an interrupted
+    evaluation resumes where it stopped. With a model judge (its generate), its verdicts replace the
+    lexicons' (model_judge.rejudge)."""
+    gen = Generator(model, tok, cfg, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"), fp, progress)
+    # what was measured, and by which code (every module: judges, metrics and generation among them)
+    res = {"fingerprint": fp, "code": content_hash(MEASURED_BY), "threats": {},
+           "capability": {"metrics": {}, "ci": {}}}
+    recs = {}
     for name in threats:
         progress.stage(f"{label}: {name}")
         threat = configured(cfg, name)
@@ -473,8 +487,8 @@ def run(cfg: EvalConfig):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
-        base, tok = load_finite(base_name)
-        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name,
+        base, tok, base_fp = load_finite(base_name)
+        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_fp,
                                                        threats_for(spec, base_name), cfg, progress, judge)
         result["models"][base_label] = {"path": base_name, **base_res}
         # per train threat: the held-out pairs, the mechanism entry they fill, theta0's residual streams
@@ -488,9 +502,10 @@ def run(cfg: EvalConfig):
                 "pairs": len(aligned[t]),
                 "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch)}}
             progress.update(len(aligned[t]), Progress.PAIR)
+        unchanged(base_name, base_fp)
         for r in mine:
-            model, _ = load_finite(r.path)
-            res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg,
+            model, _, fp = load_finite(r.path)
+            res, recs, _ = evaluate_model(model, tok, r.label, fp, threats_for(spec, base_name), cfg,
                                           progress, judge)
             result["models"][r.label] = {"path": r.path, **res}
             result["rows"].append({"label": r.label, "path": r.path, "base": base_label,
@@ -503,6 +518,7 @@ def run(cfg: EvalConfig):
                                                                      cfg.mech_batch)
                 progress.update(len(aligned[r.train_threat]), Progress.PAIR)
                 moved[r.train_threat].add(r.label, model)
+            unchanged(r.path, fp)
             del model
         for t, d in moved.items():
             if summary := d.summary(cfg.boot, cfg.seed):

@@ -343,6 +343,39 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
     assert cut == whole
 
 
+def test_results_name_the_weights_and_code_and_weights_changed_mid_eval_are_refused(runs, tmp_path,
+                                                                                     monkeypatch):
+    """results.json names each model's weights (their fingerprint) and the code that measured them; a
+    checkpoint rewritten while it is evaluated (a train.py --overwrite finishing) is refused in one line,
+    with no results.json describing the old answers beside the new weights."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    ckpt = tmp_path / "act-sycophancy"
+    shutil.copytree(runs / "act-sycophancy", ckpt)
+    args = ["--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
+    run_cli(monkeypatch, *args, "--out", tmp_path / "first")
+    models = json.loads((tmp_path / "first" / "results.json").read_text())["models"]
+    assert models["base"]["fingerprint"] == fingerprint(str(runs / "base"))
+    assert models["sycophancy/act"]["fingerprint"] == fingerprint(str(ckpt)) != models["base"]["fingerprint"]
+    assert models["base"]["code"] == models["sycophancy/act"]["code"] == runs_module.content_hash(
+        runs_module.MEASURED_BY)
+    real = ev.evaluate_model
+
+    def retrained_meanwhile(model, tok, label, *a, **k):
+        got = real(model, tok, label, *a, **k)
+        if label == "sycophancy/act":
+            state = load_file(ckpt / "model.safetensors")
+            state["model.norm.weight"] = state["model.norm.weight"] * 2
+            save_file(state, ckpt / "model.safetensors")
+        return got
+    monkeypatch.setattr(ev, "evaluate_model", retrained_meanwhile)
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, *args, "--out", tmp_path / "second")
+    message = str(e.value.code)
+    assert str(ckpt) in message and "changed" in message and "rerun the eval" in message
+    assert "\n" not in message and not (tmp_path / "second" / "results.json").exists()
+
+
 def test_resolve_returns_a_new_config_and_leaves_the_callers_as_it_was(monkeypatch):
     monkeypatch.setattr(ev, "native_bf16", lambda device: True)
     cfg = ev.EvalConfig(ckpt="runs/x", gen_dtype="auto")
