@@ -65,14 +65,14 @@ from tqdm import tqdm
 import directions
 import model_judge
 from answers import Generator
-from checkpoint import EMBEDDED, fingerprint, load_model, non_finite
+from checkpoint import EMBEDDED, fingerprint, load_model, model_spec, non_finite
 from cli import check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
 from report import matrix, slug, write_outputs
 from runs import CHECKPOINTS, MEASURED_BY, base_path, content_hash, read_run, supported
 from stats import bootstrap_change, score
-from threats import EVAL_WRAPPERS, REFUSED, THREATS, eval_size, mix, user
+from threats import EVAL_WRAPPERS, REFUSED, THREATS, assistant, eval_size, mix, user
 
 
 @dataclass
@@ -366,6 +366,31 @@ def rows_from(cfg) -> list[Row]:
     return sorted(rows, key=Row.order)
 
 
+# what a checkpoint shares with its base so that it is scored with the base's tokenizer and compared with
+# it layer by layer: its family and shape, and its tokenizer as it renders a conversation (vocabulary, special
+# tokens and chat template; odd characters, digits and both roles)
+SHAPE = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim")
+PROBE = [user("Héllo wörld:  12 + 30 = 42?\t東京 ✓ (B)"), assistant("Yes, 42."), user("And 'x' -> y?")]
+
+
+def check_comparable(rows):
+    """Refuse, before anything is scored, a checkpoint of another family, shape or tokenizer than its base's:
+    its answers would be read with the base's tokenizer and its mechanism pass would fail on the shapes."""
+    specs = {}
+    for name in dict.fromkeys(p for r in rows for p in (r.base, r.path)):
+        cfg, tok = model_spec(name)
+        specs[name] = ({k: getattr(cfg, k) for k in SHAPE}, {"vocabulary size": tok.vocab_size,
+                                                             "eos id": tok.eos_id, "chat": tok.render(PROBE)})
+    for r in rows:
+        (shape, tok), (base_shape, base_tok) = specs[r.path], specs[r.base]
+        diff = ([f"{k} {shape[k]} (base {base_shape[k]})" for k in SHAPE if shape[k] != base_shape[k]]
+                + [f"tokenizer {k}" for k in tok if tok[k] != base_tok[k]])
+        if diff:
+            raise ValueError(f"{r.path} is not a model of its base {r.base}'s family, shape and tokenizer "
+                             f"({', '.join(diff)}): evaluate it against the model it was trained from "
+                             f"(--ckpt with --base MODEL)")
+
+
 def unique(label, taken):
     """label, or else "label (2)", "label (3)", ...: the first one not in `taken` (labels name result entries
     and, through slug, the files of records and answers)."""
@@ -465,6 +490,7 @@ def run(cfg: EvalConfig):
                                      if os.path.isdir(p)}:
         raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; "
                          f"pick another folder")
+    check_comparable(rows)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     make_folder(cfg.out)

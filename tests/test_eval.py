@@ -151,10 +151,10 @@ def test_a_change_pairs_the_items_both_models_kept():
 # ----------------------------------------------------------------------------- tiny checkpoints
 
 
-def tiny(path, seed):
+def tiny(path, seed, family="llama", **shape):
     """conftest's tiny model, its vocabulary cut to the 258 ids its byte tokenizer can decode (generation
     runs)."""
-    ref = write_tiny_hf(path, seed=seed)
+    ref = write_tiny_hf(path, family, seed=seed, **shape)
     ref.resize_token_embeddings(258)
     ref.save_pretrained(path)
 
@@ -481,6 +481,31 @@ def test_one_line_errors(runs, monkeypatch, args, message):
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, *args)
     assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("other,named", [
+    ({"hidden_size": 32}, "d_model 32 (base 64)"),                  # another width
+    ({"num_hidden_layers": 2}, "n_layer 2 (base 3)"),
+    ({"family": "qwen2"}, "arch qwen2 (base llama)"),               # another family of the same shape
+    ({"sentencepiece": True}, "tokenizer vocabulary size"),         # another vocabulary
+])
+def test_a_checkpoint_of_another_shape_or_tokenizer_than_its_base_is_refused_before_scoring(
+        runs, tmp_path, monkeypatch, other, named):
+    """It would be scored with the base's tokenizer (eval reads every answer with it) and written, or die in
+    the mechanism pass on the shapes: one line naming what differs, before anything is generated."""
+    ckpt = tmp_path / "other"
+    if other.get("sentencepiece"):
+        write_tiny_hf(ckpt, sentencepiece=True)
+    else:
+        tiny(ckpt, seed=1, **other)
+    calls = []
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", ckpt, "--base", runs / "base", *SMALL[:-2], "--threats", "sycophancy",
+                "--no-mechanism", "--out", tmp_path / "eval")
+    message = str(e.value.code)
+    assert named in message and str(ckpt) in message and "--base" in message and "\n" not in message
+    assert calls == [] and not (tmp_path / "eval" / "results.json").exists()
 
 
 def test_unreadable_run_json_and_non_finite_weights_are_refused(runs, tmp_path, monkeypatch):
