@@ -30,7 +30,10 @@ Changes (trained - base) get a paired bootstrap interval; * marks those whose in
 model that refuses (the `refusal` organism or a hub model), frustration the `frustrated` organism (or a hub
 model), conditional the `inoculated` organism; in the matrix such cells read n/a. `all` or a comma list
 evaluates what is named. A run trained with a plugin (its run.json config "plugin", train.py --plugin FILE)
-has that file imported first, so its targets are in the registry when the run is read.
+has that file imported first, so its targets are in the registry when the run is read. A checkpoint is
+read with its base's tokenizer and compared with it layer by layer, so one of another family, shape or
+tokenizer is refused before anything is scored; one whose weights change while it is evaluated (a training
+run writing its folder) is refused too, with no results.json.
 
 Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
 checkpoint files are never written):
