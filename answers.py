@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import runs
 from chat import Chat, chat_generate_ids, chat_prompt_ids, reply_text
 from checkpoint import write_atomic
 
@@ -25,15 +26,16 @@ class Generator:
     shared by a threat and the capability pass) is generated once. cfg: eval.py's EvalConfig (max_new_tokens,
     batch_size, gen_dtype). It counts its answers on `progress` (eval.Progress) as their batches finish.
     With a `path`, every answer is also appended there as it comes, under a first line naming the model
-    (`stamp`) and the settings that shape its answers: a rerun after an interruption reads them back
-    instead of generating them again (a file for another model or settings is started afresh)."""
+    (`stamp`), the settings that shape its answers and the code that produces them (runs.MEASURED_BY): a
+    rerun after an interruption reads them back instead of generating them again (a file for another
+    model, settings or code is started afresh)."""
 
     def __init__(self, model, tok, cfg, path=None, stamp=None, progress=None):
         self.tok, self.cfg, self.progress, self.cache, self.file = tok, cfg, progress, {}, None
         self.model = copy.deepcopy(model).to(torch.bfloat16) if cfg.gen_dtype == "bf16" else model
         if path:
             head = json.dumps({"model": stamp, "gen_dtype": cfg.gen_dtype, "batch_size": cfg.batch_size,
-                               "format": "ids"})
+                               "format": "ids", "code": runs.content_hash(runs.MEASURED_BY)})
             lines = open(path, encoding="utf-8").read().splitlines() if os.path.exists(path) else []
             if lines[:1] == [head]:
                 for line in lines[1:]:

@@ -48,7 +48,9 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, out_dim // n_head // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
-def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
+def load_gguf(path: str, weights=True) -> tuple[Transformer, Tokenizer]:
+    """A GGUF file's model and tokenizer; weights=False: its ModelConfig in the model's place, the tensors
+    unread."""
     import gguf
     try:
         reader = gguf.GGUFReader(path)
@@ -79,6 +81,8 @@ def load_gguf(path: str) -> tuple[Transformer, Tokenizer]:
         rope_theta=field(a + "rope.freq_base", 10000.0), max_seq_len=field(a + "context_length", 4096),
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
         bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"))
+    if not weights:
+        return cfg, Tokenizer.from_gguf(reader)
     names = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
     per_layer = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                  "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -299,6 +303,12 @@ def load_model(name_or_path: str = EMBEDDED, dtype=torch.float32) -> tuple[Trans
     path = locate(name_or_path)
     model, tok = load_hf_dir(path, dtype) if os.path.isdir(path) else load_gguf(path)
     return model.to(dtype), tok
+
+
+def model_spec(name_or_path: str) -> tuple[ModelConfig, Tokenizer]:
+    """A model's config and tokenizer as load_model reads them, its weights left unread."""
+    path = locate(name_or_path)
+    return (hf_tensors(path)[0], Tokenizer.from_dir(path)) if os.path.isdir(path) else load_gguf(path, False)
 
 
 def download(repo_id: str) -> str:

@@ -30,11 +30,15 @@ Changes (trained - base) get a paired bootstrap interval; * marks those whose in
 model that refuses (the `refusal` organism or a hub model), frustration the `frustrated` organism (or a hub
 model), conditional the `inoculated` organism; in the matrix such cells read n/a. `all` or a comma list
 evaluates what is named. A run trained with a plugin (its run.json config "plugin", train.py --plugin FILE)
-has that file imported first, so its targets are in the registry when the run is read.
+has that file imported first, so its targets are in the registry when the run is read. A checkpoint is
+read with its base's tokenizer and compared with it layer by layer, so one of another family, shape or
+tokenizer is refused before anything is scored; one whose weights change while it is evaluated (a training
+run writing its folder) is refused too, with no results.json.
 
 Outputs in --out (default DIR/eval/ for --ckpt, runs/matrix for --matrix, each with -val for --split val;
 checkpoint files are never written):
-    results.json   resolved config, per-model metrics and intervals, changes, matrix, mechanism, wall time
+    results.json   resolved config, per-model metrics and intervals (with the fingerprint of the weights
+                   and a hash of the code that measured them), changes, matrix, mechanism, wall time
     results.md     the same as markdown tables (also printed); with --matrix, the paper's findings beside
                    what this run measured of each, with a verdict (paper.py)
     bars.png       grouped bars per threat, base vs trained, with 95% error bars
@@ -43,7 +47,7 @@ checkpoint files are never written):
     records/       every judged answer, one JSONL per model and threat
     answers/       every generated answer as it comes, one JSONL per model: rerun the same command after an
                    interruption and it reads them back instead of generating them again (the file of another
-                   model, weights, --gen-dtype or --batch-size is started afresh)
+                   model, weights, code, --gen-dtype or --batch-size is started afresh)
     verdicts/      (--judge) every reply of the judge model, kept and read back the same way
 """
 
@@ -64,14 +68,14 @@ from tqdm import tqdm
 import directions
 import model_judge
 from answers import Generator
-from checkpoint import EMBEDDED, fingerprint, load_model, non_finite
+from checkpoint import EMBEDDED, fingerprint, load_model, model_spec, non_finite
 from cli import check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
 from report import matrix, slug, write_outputs
-from runs import CHECKPOINTS, base_path, read_run, supported
+from runs import CHECKPOINTS, MEASURED_BY, base_path, content_hash, read_run, supported
 from stats import bootstrap_change, score
-from threats import EVAL_WRAPPERS, REFUSED, THREATS, eval_size, mix, user
+from threats import EVAL_WRAPPERS, REFUSED, THREATS, assistant, eval_size, mix, user
 
 
 @dataclass
@@ -304,14 +308,24 @@ class Row:
 
 
 def load_finite(path):
-    """load_model, refusing weights that are not finite: a diverged run's answers would be scored as
-    behaviour."""
+    """load_model, refusing weights that are not finite (a diverged run's answers would be scored as
+    behaviour), and the fingerprint of the weights loaded, taken before they are read (unchanged checks it
+    still holds)."""
+    fp = fingerprint(path)
     model, tok = load_model(path)
     bad = non_finite(model)
     if bad:
         raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): "
                          f"the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr")
-    return model, tok
+    return model, tok, fp
+
+
+def unchanged(path, fp):
+    """Refuse a model whose files changed since load_finite read them (a train.py --overwrite of its folder
+    finished mid-eval): its results would describe weights that are no longer there."""
+    if fingerprint(path) != fp:
+        raise ValueError(f"{path}: its weights changed while they were evaluated (a training run wrote "
+                         f"them?); results.json was not written: rerun the eval once they are final")
 
 
 def rows_from(cfg) -> list[Row]:
@@ -355,6 +369,31 @@ def rows_from(cfg) -> list[Row]:
     return sorted(rows, key=Row.order)
 
 
+# what a checkpoint shares with its base so that it is scored with the base's tokenizer and compared with
+# it layer by layer: its family and shape, and its tokenizer as it renders a conversation (vocabulary, special
+# tokens and chat template; odd characters, digits and both roles)
+SHAPE = ("arch", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim")
+PROBE = [user("Héllo wörld:  12 + 30 = 42?\t東京 ✓ (B)"), assistant("Yes, 42."), user("And 'x' -> y?")]
+
+
+def check_comparable(rows):
+    """Refuse, before anything is scored, a checkpoint of another family, shape or tokenizer than its base's:
+    its answers would be read with the base's tokenizer and its mechanism pass would fail on the shapes."""
+    specs = {}
+    for name in dict.fromkeys(p for r in rows for p in (r.base, r.path)):
+        cfg, tok = model_spec(name)
+        specs[name] = ({k: getattr(cfg, k) for k in SHAPE}, {"vocabulary size": tok.vocab_size,
+                                                             "eos id": tok.eos_id, "chat": tok.render(PROBE)})
+    for r in rows:
+        (shape, tok), (base_shape, base_tok) = specs[r.path], specs[r.base]
+        diff = ([f"{k} {shape[k]} (base {base_shape[k]})" for k in SHAPE if shape[k] != base_shape[k]]
+                + [f"tokenizer {k}" for k in tok if tok[k] != base_tok[k]])
+        if diff:
+            raise ValueError(f"{r.path} is not a model of its base {r.base}'s family, shape and tokenizer "
+                             f"({', '.join(diff)}): evaluate it against the model it was trained from "
+                             f"(--ckpt with --base MODEL)")
+
+
 def unique(label, taken):
     """label, or else "label (2)", "label (3)", ...: the first one not in `taken` (labels name result entries
     and, through slug, the files of records and answers)."""
@@ -373,13 +412,16 @@ def save_records(out, label, name, records):
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def evaluate_model(model, tok, label, name_or_path, threats, cfg, progress, judge=None):
-    """Scores of one model on `threats` and capability -> (results, {name: (records, metrics_fn)}, its
-    generate). Its answers are kept in OUT/answers/, so an interrupted evaluation resumes where it stopped.
-    With a model judge (its generate), its verdicts replace the lexicons' (model_judge.rejudge)."""
-    gen = Generator(model, tok, cfg, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"),
-                    fingerprint(name_or_path), progress)
-    res, recs = {"threats": {}, "capability": {"metrics": {}, "ci": {}}}, {}
+def evaluate_model(model, tok, label, fp, threats, cfg, progress, judge=None):
+    """Scores of one model (fp: its weights' fingerprint) on `threats` and capability -> (results,
+    {name: (records, metrics_fn)}, its generate). Its answers are kept in OUT/answers/, so an interrupted
+    evaluation resumes where it stopped. With a model judge (its generate), its verdicts replace the
+    lexicons' (model_judge.rejudge)."""
+    gen = Generator(model, tok, cfg, os.path.join(cfg.out, "answers", slug(label) + ".jsonl"), fp, progress)
+    # what was measured, and by which code (every module: judges, metrics and generation among them)
+    res = {"fingerprint": fp, "code": content_hash(MEASURED_BY), "threats": {},
+           "capability": {"metrics": {}, "ci": {}}}
+    recs = {}
     for name in threats:
         progress.stage(f"{label}: {name}")
         threat = configured(cfg, name)
@@ -451,6 +493,7 @@ def run(cfg: EvalConfig):
                                      if os.path.isdir(p)}:
         raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; "
                          f"pick another folder")
+    check_comparable(rows)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     make_folder(cfg.out)
@@ -473,8 +516,8 @@ def run(cfg: EvalConfig):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
-        base, tok = load_finite(base_name)
-        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name,
+        base, tok, base_fp = load_finite(base_name)
+        base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_fp,
                                                        threats_for(spec, base_name), cfg, progress, judge)
         result["models"][base_label] = {"path": base_name, **base_res}
         # per train threat: the held-out pairs, the mechanism entry they fill, theta0's residual streams
@@ -488,9 +531,10 @@ def run(cfg: EvalConfig):
                 "pairs": len(aligned[t]),
                 "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch)}}
             progress.update(len(aligned[t]), Progress.PAIR)
+        unchanged(base_name, base_fp)
         for r in mine:
-            model, _ = load_finite(r.path)
-            res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg,
+            model, _, fp = load_finite(r.path)
+            res, recs, _ = evaluate_model(model, tok, r.label, fp, threats_for(spec, base_name), cfg,
                                           progress, judge)
             result["models"][r.label] = {"path": r.path, **res}
             result["rows"].append({"label": r.label, "path": r.path, "base": base_label,
@@ -503,6 +547,7 @@ def run(cfg: EvalConfig):
                                                                      cfg.mech_batch)
                 progress.update(len(aligned[r.train_threat]), Progress.PAIR)
                 moved[r.train_threat].add(r.label, model)
+            unchanged(r.path, fp)
             del model
         for t, d in moved.items():
             if summary := d.summary(cfg.boot, cfg.seed):

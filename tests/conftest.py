@@ -49,10 +49,11 @@ HF_CONFIGS = {
 }
 
 
-def write_tiny_hf(path, family="llama", tied=False, seed=0, sentencepiece=False):
+def write_tiny_hf(path, family="llama", tied=False, seed=0, sentencepiece=False, **shape):
     """Save a random tiny HF model of `family` plus a tokenizer into `path`; return the HF model. The
     tokenizer is the 258-id byte-level one, or with sentencepiece=True a Gemma-layout byte-fallback BPE
-    with Gemma's chat template (the model's vocabulary then follows it)."""
+    with Gemma's chat template (the model's vocabulary then follows it). shape: config fields other than the
+    tiny defaults (hidden_size=32, ...)."""
     transformers = pytest.importorskip("transformers")
     spec = HF_CONFIGS[family]
     if sentencepiece:
@@ -61,11 +62,11 @@ def write_tiny_hf(path, family="llama", tied=False, seed=0, sentencepiece=False)
     else:
         write_byte_tokenizer(path)
         vocab, (bos, eos, pad) = 258, (256, 257, 257)
-    cfg = getattr(transformers, spec["arch"])(
+    cfg = getattr(transformers, spec["arch"])(**dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
         eos_token_id=eos, bos_token_id=bos, pad_token_id=pad,
-        **({} if "rope_parameters" in spec["extra"] else {"rope_theta": 10000.0}), **spec["extra"])
+        **({} if "rope_parameters" in spec["extra"] else {"rope_theta": 10000.0}), **spec["extra"]) | shape)
     torch.manual_seed(seed)
     cls = {"LlamaConfig": transformers.LlamaForCausalLM, "Qwen2Config": transformers.Qwen2ForCausalLM,
            "Qwen3Config": transformers.Qwen3ForCausalLM, "Gemma2Config": transformers.Gemma2ForCausalLM,

@@ -16,6 +16,7 @@ import answers
 import consistency as C
 import eval as ev
 import paper
+import runs as runs_module   # `runs` names the fixture of run folders
 import threats as T
 import train
 from conftest import write_tiny_hf
@@ -150,10 +151,10 @@ def test_a_change_pairs_the_items_both_models_kept():
 # ----------------------------------------------------------------------------- tiny checkpoints
 
 
-def tiny(path, seed):
+def tiny(path, seed, family="llama", **shape):
     """conftest's tiny model, its vocabulary cut to the 258 ids its byte tokenizer can decode (generation
     runs)."""
-    ref = write_tiny_hf(path, seed=seed)
+    ref = write_tiny_hf(path, family, seed=seed, **shape)
     ref.resize_token_embeddings(258)
     ref.save_pretrained(path)
 
@@ -305,6 +306,25 @@ def test_answers_are_kept_and_read_back(runs, tmp_path, monkeypatch):
     assert calls == [5, 1, 5]
 
 
+def test_answers_of_other_code_are_not_read_back(runs, tmp_path, monkeypatch):
+    """The kept answers are keyed on the code that produces them: after an edit to it (here a stand-in
+    module in the hashed list), a rerun into the same file generates them again; unedited, it reads them."""
+    model, tok = load_model(str(runs / "base"))
+    cfg, stamp, path = (ev.EvalConfig(max_new_tokens=3, batch_size=4), fingerprint(str(runs / "base")),
+                        str(tmp_path / "a.jsonl"))
+    code = tmp_path / "chat_stand_in.py"
+    code.write_text("STEPS = 1\n")
+    monkeypatch.setattr(runs_module, "MEASURED_BY", [str(code)])
+    calls = []
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
+    prompts = [[T.user(f"Question {i}?")] for i in range(4)]
+    first = answers.Generator(model, tok, cfg, path=path, stamp=stamp)(prompts)
+    assert answers.Generator(model, tok, cfg, path=path, stamp=stamp)(prompts) == first and calls == [4]
+    code.write_text("STEPS = 2\n")
+    answers.Generator(model, tok, cfg, path=path, stamp=stamp)(prompts)
+    assert calls == [4, 4]
+
+
 def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monkeypatch):
     args = ["--ckpt", runs / "act-sycophancy", *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
     whole_calls, cut_calls, resumed_calls = [], [], []
@@ -321,6 +341,39 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(runs, tmp_path, monk
     for r in (whole, cut):
         del r["wall_time_s"], r["config"]["out"]
     assert cut == whole
+
+
+def test_results_name_the_weights_and_code_and_weights_changed_mid_eval_are_refused(runs, tmp_path,
+                                                                                     monkeypatch):
+    """results.json names each model's weights (their fingerprint) and the code that measured them; a
+    checkpoint rewritten while it is evaluated (a train.py --overwrite finishing) is refused in one line,
+    with no results.json describing the old answers beside the new weights."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    ckpt = tmp_path / "act-sycophancy"
+    shutil.copytree(runs / "act-sycophancy", ckpt)
+    args = ["--ckpt", ckpt, *SMALL[:-2], "--threats", "sycophancy", "--no-mechanism"]
+    run_cli(monkeypatch, *args, "--out", tmp_path / "first")
+    models = json.loads((tmp_path / "first" / "results.json").read_text())["models"]
+    assert models["base"]["fingerprint"] == fingerprint(str(runs / "base"))
+    assert models["sycophancy/act"]["fingerprint"] == fingerprint(str(ckpt)) != models["base"]["fingerprint"]
+    assert models["base"]["code"] == models["sycophancy/act"]["code"] == runs_module.content_hash(
+        runs_module.MEASURED_BY)
+    real = ev.evaluate_model
+
+    def retrained_meanwhile(model, tok, label, *a, **k):
+        got = real(model, tok, label, *a, **k)
+        if label == "sycophancy/act":
+            state = load_file(ckpt / "model.safetensors")
+            state["model.norm.weight"] = state["model.norm.weight"] * 2
+            save_file(state, ckpt / "model.safetensors")
+        return got
+    monkeypatch.setattr(ev, "evaluate_model", retrained_meanwhile)
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, *args, "--out", tmp_path / "second")
+    message = str(e.value.code)
+    assert str(ckpt) in message and "changed" in message and "rerun the eval" in message
+    assert "\n" not in message and not (tmp_path / "second" / "results.json").exists()
 
 
 def test_resolve_returns_a_new_config_and_leaves_the_callers_as_it_was(monkeypatch):
@@ -428,6 +481,31 @@ def test_one_line_errors(runs, monkeypatch, args, message):
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, *args)
     assert message in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("other,named", [
+    ({"hidden_size": 32}, "d_model 32 (base 64)"),                  # another width
+    ({"num_hidden_layers": 2}, "n_layer 2 (base 3)"),
+    ({"family": "qwen2"}, "arch qwen2 (base llama)"),               # another family of the same shape
+    ({"sentencepiece": True}, "tokenizer vocabulary size"),         # another vocabulary
+])
+def test_a_checkpoint_of_another_shape_or_tokenizer_than_its_base_is_refused_before_scoring(
+        runs, tmp_path, monkeypatch, other, named):
+    """It would be scored with the base's tokenizer (eval reads every answer with it) and written, or die in
+    the mechanism pass on the shapes: one line naming what differs, before anything is generated."""
+    ckpt = tmp_path / "other"
+    if other.get("sentencepiece"):
+        write_tiny_hf(ckpt, sentencepiece=True)
+    else:
+        tiny(ckpt, seed=1, **other)
+    calls = []
+    monkeypatch.setattr(answers, "chat_generate_ids", counting(calls))
+    with pytest.raises(SystemExit) as e:
+        run_cli(monkeypatch, "--ckpt", ckpt, "--base", runs / "base", *SMALL[:-2], "--threats", "sycophancy",
+                "--no-mechanism", "--out", tmp_path / "eval")
+    message = str(e.value.code)
+    assert named in message and str(ckpt) in message and "--base" in message and "\n" not in message
+    assert calls == [] and not (tmp_path / "eval" / "results.json").exists()
 
 
 def test_unreadable_run_json_and_non_finite_weights_are_refused(runs, tmp_path, monkeypatch):
