@@ -64,7 +64,7 @@ from tqdm import tqdm
 import directions
 import model_judge
 from answers import Generator
-from checkpoint import EMBEDDED, fingerprint, load_model, non_finite
+from checkpoint import EMBEDDED, fingerprint, load_model, non_finite, write_text
 from cli import check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
@@ -369,8 +369,8 @@ def unique(label, taken):
 
 def save_records(out, label, name, records):
     os.makedirs(os.path.join(out, "records", slug(label)), exist_ok=True)
-    with open(os.path.join(out, "records", slug(label), f"{name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_text(os.path.join(out, "records", slug(label), f"{name}.jsonl"),
+               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def evaluate_model(model, tok, label, name_or_path, threats, cfg, progress, judge=None):

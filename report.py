@@ -20,6 +20,7 @@ import numpy as np
 import directions
 import model_judge
 import paper
+from checkpoint import write_text
 from cli import pyplot
 from consistency import TARGETS
 from stats import NOT_ESTIMATES, finite
@@ -316,9 +317,7 @@ def write_outputs(result, cfg):
         plot_frustration(result, os.path.join(cfg.out, "frustration.png"))
         images.append("frustration.png")
     md = results_md(result, cfg, images)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(json_safe(result), f, indent=1)
+    write_text(os.path.join(cfg.out, "results.md"), md)
+    write_text(os.path.join(cfg.out, "results.json"), json.dumps(json_safe(result), indent=1))
     print("\n" + md + f"\nwritten to {cfg.out}/ (results.json, results.md, {', '.join(images)}, records/)")
 

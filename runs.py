@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 import fsdp
 from chat import chat_generate_ids
-from checkpoint import EMBEDDED, dump_json, file_hash, fingerprint, non_finite, save_model, write_atomic
+from checkpoint import (EMBEDDED, dump_json, file_hash, fingerprint, non_finite, save_model, write_atomic,
+                        write_text)
 from cli import pyplot
 from lora import lora_disabled
 from threats import THREATS
@@ -326,7 +327,7 @@ def finish(cfg, model, tok, run, report, state=None):
     results = (f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n"
                f"{before_after_table(report['before'], report['after'])}\n\n"
                f"wall time {report['wall_time_s']:.0f} s\n")
-    open(os.path.join(cfg.out, "results.md"), "w").write(results)
+    write_text(os.path.join(cfg.out, "results.md"), results)
     plot_log(cfg.out)
     shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
     run.print("\n" + results + f"\nsaved to {cfg.out}")
