@@ -404,7 +404,7 @@ def train(cfg: TrainConfig):
     bf16 = use_bf16(cfg, run.device)
     check_out(cfg)
     make_folder(cfg.out)
-    run.lock = lock_folder(cfg.out) if run.main else None
+    run.lock = lock_folder(cfg.out, "train.py") if run.main else None
     run.barrier()  # every rank has checked --out before rank 0 changes it
     torch.manual_seed(cfg.seed)
     model, tok, frozen, reference, params, opt = setup(cfg, run, bf16)
