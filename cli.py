@@ -113,6 +113,13 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    """fig as a PNG at path, through a temporary file and a rename (a crash leaves no cut image), closed."""
+    from checkpoint import write_atomic   # imported here, as torch is in native_bf16: cli loads light
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    pyplot().close(fig)
+
+
 def native_bf16(device) -> bool:
     """Whether bf16 matmuls run natively on `device` (a torch.device): CPUs without them emulate bf16, slower
     than fp32."""

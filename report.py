@@ -21,7 +21,7 @@ import directions
 import model_judge
 import paper
 from checkpoint import write_text
-from cli import pyplot
+from cli import pyplot, save_figure
 from consistency import TARGETS
 from stats import NOT_ESTIMATES, finite
 from threats import THREATS
@@ -183,8 +183,7 @@ def plot_bars(panels, path):
         ax.axhline(0, color="black", lw=0.5)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_heatmap(m, path):
@@ -204,8 +203,7 @@ def plot_heatmap(m, path):
     ax.set_ylabel("train threat / target")
     fig.colorbar(im, ax=ax, label="change vs base (green = better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_mechanism(mech, title, path):
@@ -235,8 +233,7 @@ def plot_mechanism(mech, title, path):
         ax.set_title(name)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_frustration(result, path):
@@ -260,8 +257,7 @@ def plot_frustration(result, path):
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def triple(res, k):

@@ -40,7 +40,7 @@ import fsdp
 from chat import chat_generate_ids
 from checkpoint import (EMBEDDED, dump_json, file_hash, fingerprint, non_finite, save_model, write_atomic,
                         write_text)
-from cli import MARKER, clear_folder, pyplot, take_folder
+from cli import MARKER, clear_folder, pyplot, save_figure, take_folder
 from lora import lora_disabled
 from threats import THREATS
 
@@ -321,8 +321,7 @@ def plot_log(out):
         ax.set(xlabel="layer", ylabel=name, title=f"{name} per layer")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "loss.png"))
 
 
 def before_after_table(before, after):

@@ -128,11 +128,12 @@ def test_every_result_file_is_written_through_a_rename(runs, tiny_dir, tmp_path,
         written.append(str(f)) if set(mode) & set("wax") else None) or real(f, mode, *a, **k))
     train.train(config(tiny_dir, tmp_path / "t", steps=1))
     run_cli(monkeypatch, "--ckpt", runs / "act-sycophancy", *EVAL, "--out", tmp_path / "e")
-    for f in ("t/train_config.json", "t/results.md", "t/run.json", "e/results.json", "e/results.md",
-              "e/records/base/sycophancy.jsonl"):
+    for f in ("t/train_config.json", "t/results.md", "t/run.json", "t/loss.png", "e/results.json",
+              "e/results.md", "e/bars.png", "e/records/base/sycophancy.jsonl"):
         assert (tmp_path / f).exists(), f
     # under a name of its own (.tmp, or in a .tmp folder renamed whole), never a result's
-    assert not [f for f in written if ".tmp" not in f and (f.endswith((".json", ".md")) or "records" in f)]
+    assert not [f for f in written
+                if ".tmp" not in f and (f.endswith((".json", ".md", ".png")) or "records" in f)]
 
 
 def test_two_writers_of_one_file_never_share_a_temporary_name(tmp_path):
