@@ -3,7 +3,6 @@ model a run trains from, --overwrite removing only what the tool wrote, caches i
 through a temporary name and a rename, and one writer per folder."""
 
 import builtins
-import json
 import os
 import shutil
 
@@ -13,7 +12,6 @@ import checkpoint
 import parallel
 import runs as run_folder
 import train
-from conftest import write_tiny_hf
 from test_eval import SMALL, run_cli, runs  # noqa: F401 (runs: the tiny checkpoints' fixture)
 from test_train import config, tiny_dir  # noqa: F401 (tiny_dir: the tiny model's fixture)
 
