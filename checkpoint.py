@@ -11,6 +11,7 @@ import functools
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -387,18 +388,36 @@ def save_model(model: Transformer, tok: Tokenizer, path: str, extra: dict | None
     os.rmdir(tmp)
 
 
+_WRITES = itertools.count()
+
+
 def write_atomic(path, write):
     """write(tmp) then rename over `path`, each flushed to disk first: a crash or a power loss leaves the old
-    file or the new one, never a half-written or empty one under the name."""
-    write(path + ".tmp")
-    with open(path + ".tmp", "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    file or the new one, never a half-written or empty one under the name. The temporary name is this
+    write's own (process and call), so two writers of one file never write into each other's."""
+    tmp = f"{path}.{os.getpid()}-{next(_WRITES)}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a unique name is never written over: a failed write's must not be left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text(path, text):
+    """text (UTF-8) into path through write_atomic."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
 
 
 def dump_json(obj, path):

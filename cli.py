@@ -1,13 +1,16 @@
 """
 What train.py, eval.py and bench.py share around their work: a command line generated from the script's
-config dataclass, one-line errors for flags out of range, the output folder made before any work, figures
-drawn to files, and whether the hardware computes in bf16 natively.
+config dataclass, one-line errors for flags out of range, the output folder made before any work and never
+one that holds others' files (take_folder, clear_folder), figures drawn to files, and whether the hardware
+computes in bf16 natively.
 """
 
 import argparse
 import dataclasses
+import fnmatch
 import math
 import os
+import shutil
 import sys
 
 
@@ -49,12 +52,72 @@ def make_folder(path, flag="--out"):
                          f"pick a writable path") from None
 
 
+MARKER = ".written-by"   # names the tool that took the folder (runs.lock_folder writes it)
+TAKING = (".lock", ".write-test-*", MARKER + "*")   # what taking a folder puts there
+
+
+def owner(path):
+    """The tool that wrote the folder path: its marker's name or, for a train.py run from before the marker,
+    train.py where its run.json or train_config.json is; None for a folder no tool took."""
+    try:
+        return open(os.path.join(path, MARKER), encoding="utf-8").read().strip()
+    except (OSError, UnicodeDecodeError):
+        legacy = any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "train_config.json"))
+        return "train.py" if legacy else None
+
+
+def take_folder(path, tool, writes, overwrite, flag="--out"):
+    """Refuse, before any work, an output folder that holds files `tool` did not write: a new or empty folder,
+    or one the tool wrote itself, is taken; one another tool wrote never is (each would write over the
+    other's results.md); one with a user's files only with --overwrite, and never where any of them bears a
+    name the tool writes (writes: names and fnmatch patterns), so nothing of theirs is replaced or cleared."""
+    if not os.path.isdir(path):
+        return
+    by = owner(path)
+    if by == tool:
+        return
+    if by:
+        raise ValueError(f"{flag} {path} holds the output of {by}, which {tool} would write over: "
+                         f"pick another {flag}")
+    # the lock, make_folder's probe and the marker on its way: another process of this run (a rank) may be
+    # taking the folder now
+    found = sorted(n for n in os.listdir(path) if not any(fnmatch.fnmatch(n, p) for p in TAKING))
+    if not found:
+        return
+    clash = [n for n in found if any(fnmatch.fnmatch(n, w) for w in writes)]
+    if clash:
+        what = "model weights" if "model.safetensors" in clash else ", ".join(clash[:4])
+        raise ValueError(f"{flag} {path} holds {what} that {tool} did not write: pick another {flag}")
+    if not overwrite:
+        raise ValueError(f"{flag} {path} holds files that {tool} did not write ({', '.join(found[:4])}"
+                         f"{', ...' if len(found) > 4 else ''}): pick a new or empty {flag}, or pass "
+                         f"--overwrite to write beside them")
+
+
+def clear_folder(path, writes):
+    """--overwrite: remove what the tool wrote there before (writes: names and fnmatch patterns), so nothing
+    of an earlier run is read back or left to look current; every other file stays."""
+    for name in os.listdir(path) if os.path.isdir(path) else ():
+        if any(fnmatch.fnmatch(name, w) for w in writes):
+            if os.path.isdir(os.path.join(path, name)):
+                shutil.rmtree(os.path.join(path, name))
+            else:
+                os.remove(os.path.join(path, name))
+
+
 def pyplot():
     """matplotlib's pyplot drawing to files (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path):
+    """fig as a PNG at path, through a temporary file and a rename (a crash leaves no cut image), closed."""
+    from checkpoint import write_atomic   # imported here, as torch is in native_bf16: cli loads light
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    pyplot().close(fig)
 
 
 def native_bf16(device) -> bool:

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from cli import pyplot
+from cli import pyplot, save_figure
 from consistency import collate, residual_stream
 from model import FINAL_NORM, gather
 
@@ -165,5 +165,4 @@ def plot(d, title, path):
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -49,6 +49,9 @@ checkpoint files are never written):
                    interruption and it reads them back instead of generating them again (the file of another
                    model, weights, code, --gen-dtype or --batch-size is started afresh)
     verdicts/      (--judge) every reply of the judge model, kept and read back the same way
+Each file is written under a temporary name and renamed. An --out holding files eval.py did not write (a
+train.py run, a user's) is refused before any work (cli.take_folder), and the folder is locked for the whole
+evaluation; --overwrite removes what an earlier evaluation wrote there (OUTPUTS) and nothing else.
 """
 
 import copy
@@ -68,12 +71,12 @@ from tqdm import tqdm
 import directions
 import model_judge
 from answers import Generator
-from checkpoint import EMBEDDED, fingerprint, load_model, model_spec, non_finite
-from cli import check_ranges, cli, make_folder, native_bf16
+from checkpoint import EMBEDDED, fingerprint, load_model, model_spec, non_finite, write_text
+from cli import check_ranges, clear_folder, cli, make_folder, native_bf16, take_folder
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
 from report import matrix, slug, write_outputs
-from runs import CHECKPOINTS, MEASURED_BY, base_path, content_hash, read_run, supported
+from runs import MEASURED_BY, base_path, content_hash, lock_folder, outside_checkpoints, read_run, supported
 from stats import bootstrap_change, score
 from threats import EVAL_WRAPPERS, REFUSED, THREATS, assistant, eval_size, mix, user
 
@@ -108,7 +111,13 @@ class EvalConfig:
                                      # mechanism stay fp32) | auto (bf16 where native)
     judge: str = ""                  # a model judge (a name load_model takes) whose verdicts replace the
                                      # lexicons' (model_judge.py); "": the lexicons
+    overwrite: bool = False          # start over in an --out eval.py wrote (its answers too), or write
+                                     # beside a user's files in a folder that holds none of OUTPUTS
 
+
+# what eval.py writes in --out (fnmatch patterns): --overwrite removes these and nothing else
+OUTPUTS = ("results.json", "results.md", "bars.png", "matrix.png", "frustration.png", "mechanism*.png",
+           "directions*.png", "records", "answers", "verdicts", "*.tmp")
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
 EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, None), "boot": (1, None),
@@ -408,8 +417,8 @@ def unique(label, taken):
 
 def save_records(out, label, name, records):
     os.makedirs(os.path.join(out, "records", slug(label)), exist_ok=True)
-    with open(os.path.join(out, "records", slug(label), f"{name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_text(os.path.join(out, "records", slug(label), f"{name}.jsonl"),
+               "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def evaluate_model(model, tok, label, fp, threats, cfg, progress, judge=None):
@@ -475,9 +484,7 @@ def resolve(cfg: EvalConfig) -> EvalConfig:
     folder = {"test": "", "val": "-val"}[cfg.split]  # validation results never sit where test's are read
     out = cfg.out or (os.path.join(cfg.ckpt, "eval" + folder) if cfg.ckpt
                       else os.path.join("runs", "matrix" + folder))
-    if set(os.path.realpath(out).split(os.sep)) & set(CHECKPOINTS):
-        raise ValueError(f"--out {out} lies inside a training checkpoint folder, which the next "
-                         f"checkpoint swap deletes: pick another folder")
+    outside_checkpoints(out)
     gen_dtype = cfg.gen_dtype
     if gen_dtype == "auto":   # the answers' cache and results.json record what was used
         gen_dtype = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
@@ -494,9 +501,19 @@ def run(cfg: EvalConfig):
         raise ValueError(f"--out {cfg.out} is a model folder: evaluation never writes over checkpoints; "
                          f"pick another folder")
     check_comparable(rows)
+    take_folder(cfg.out, "eval.py", OUTPUTS, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     make_folder(cfg.out)
+    # for the whole run: a second eval (or a train run) into the folder would mix its files with these
+    with lock_folder(cfg.out, "eval.py"):
+        if cfg.overwrite:
+            clear_folder(cfg.out, OUTPUTS)
+        return evaluate(cfg, rows, spec, t0)
+
+
+def evaluate(cfg, rows, spec, t0):
+    """The evaluation of rows into cfg.out (run() has taken the folder): results.json and the rest."""
     judge = None
     if cfg.judge:   # its replies are kept like answers: a rerun judges nothing again
         try:

@@ -20,7 +20,8 @@ import numpy as np
 import directions
 import model_judge
 import paper
-from cli import pyplot
+from checkpoint import write_text
+from cli import pyplot, save_figure
 from consistency import TARGETS
 from stats import NOT_ESTIMATES, finite
 from threats import THREATS
@@ -182,8 +183,7 @@ def plot_bars(panels, path):
         ax.axhline(0, color="black", lw=0.5)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_heatmap(m, path):
@@ -203,8 +203,7 @@ def plot_heatmap(m, path):
     ax.set_ylabel("train threat / target")
     fig.colorbar(im, ax=ax, label="change vs base (green = better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_mechanism(mech, title, path):
@@ -234,8 +233,7 @@ def plot_mechanism(mech, title, path):
         ax.set_title(name)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_frustration(result, path):
@@ -259,8 +257,7 @@ def plot_frustration(result, path):
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def triple(res, k):
@@ -316,9 +313,7 @@ def write_outputs(result, cfg):
         plot_frustration(result, os.path.join(cfg.out, "frustration.png"))
         images.append("frustration.png")
     md = results_md(result, cfg, images)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(json_safe(result), f, indent=1)
+    write_text(os.path.join(cfg.out, "results.md"), md)
+    write_text(os.path.join(cfg.out, "results.json"), json.dumps(json_safe(result), indent=1))
     print("\n" + md + f"\nwritten to {cfg.out}/ (results.json, results.md, {', '.join(images)}, records/)")
 

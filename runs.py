@@ -12,9 +12,13 @@ The run folder train.py writes (--out), and the caches that spare a rerun theta0
                         under --fsdp each rank's shards (save_checkpoint, load_checkpoint)
     .lock               held by the run writing the folder (lock_folder)
 
-and beside the run folders, .baselines/: theta0's before-metrics, keyed on everything they depend on
-(baseline). A folder that already holds a run, finished or interrupted, is refused unless --resume or
---overwrite says what to do with it (check_out, clear_out).
+    .baselines/         theta0's before-metrics, keyed on everything they depend on (baseline)
+    .written-by         names train.py as the tool that took the folder (lock_folder)
+
+Every file is written under a temporary name and renamed (write_atomic). A folder that already holds a run,
+finished or interrupted, is refused unless --resume or --overwrite says what to do with it; one holding files
+train.py did not write, or a --model, is refused (check_out); --overwrite removes only what a run writes
+(clear_out).
 
 Ancestry, as eval.py reads it: read_run (a folder's run.json), base_path (the model a run trained from),
 lineage (the model organisms a model descends from) and supported (the threats a base model can be
@@ -34,22 +38,28 @@ from tqdm import tqdm
 
 import fsdp
 from chat import chat_generate_ids
-from checkpoint import EMBEDDED, dump_json, file_hash, fingerprint, non_finite, save_model, write_atomic
-from cli import pyplot
+from checkpoint import (EMBEDDED, dump_json, file_hash, fingerprint, non_finite, save_model, write_atomic,
+                        write_text)
+from cli import MARKER, clear_folder, pyplot, save_figure, take_folder
 from lora import lora_disabled
 from threats import THREATS
 
 
-def lock_folder(path):
-    """Hold an exclusive lock on path/.lock for the life of the process, or stop with one line: two runs
-    writing one folder would interleave their logs and checkpoints."""
+def lock_folder(path, tool="train.py"):
+    """Hold an exclusive lock on path/.lock for the life of the process (or of the returned file), or stop
+    with one line: two runs writing one folder would interleave their logs, checkpoints and results. Holding
+    it, mark the folder as tool's (cli.MARKER), so a later run of another tool, or over a user's files, is
+    refused (cli.take_folder)."""
     import fcntl
     f = open(os.path.join(path, ".lock"), "w")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
+        f.close()
         raise ValueError(f"--out {path}: another run is writing to it; "
                          f"wait for it to end or pick another --out") from None
+    if not os.path.exists(os.path.join(path, MARKER)):
+        write_text(os.path.join(path, MARKER), tool + "\n")
     return f
 
 
@@ -57,6 +67,17 @@ CHECKPOINTS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")   # the names s
 RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.png", "replies.json",
              "model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
              "chat_template.jinja")
+
+
+# everything a run puts in --out: a folder of a user's holding any of these names is never written into
+TRAIN_WRITES = RUN_FILES + CHECKPOINTS + ("eval", "eval-val", ".baselines", ".tokenizer.tmp", "*.tmp")
+
+
+def outside_checkpoints(out, flag="--out"):
+    """Refuse an output folder inside a run's checkpoint folder, which the next checkpoint swap deletes."""
+    if set(os.path.realpath(out).split(os.sep)) & set(CHECKPOINTS):
+        raise ValueError(f"{flag} {out} lies inside a training checkpoint folder, which the next checkpoint "
+                         f"swap deletes: pick another folder")
 
 
 def latest_checkpoint(out):
@@ -80,13 +101,15 @@ def check_out(cfg):
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: "
                          "pass one of them")
-    if os.path.isdir(cfg.model) and os.path.realpath(cfg.model) == os.path.realpath(cfg.out):
+    outside_checkpoints(cfg.out)
+    model, out = os.path.realpath(cfg.model), os.path.realpath(cfg.out)
+    if os.path.isdir(cfg.model) and model == out:
         raise ValueError(f"--out {cfg.out} is the --model folder: training would write over the weights it "
                          f"starts from; pick another --out")
-    ours = any(os.path.exists(os.path.join(cfg.out, f)) for f in ("run.json", "train_config.json"))
-    if os.path.exists(os.path.join(cfg.out, "model.safetensors")) and not ours:
-        raise ValueError(f"--out {cfg.out} holds model weights that train.py did not write: "
-                         f"pick another --out")
+    if os.path.isdir(cfg.model) and os.path.commonpath([model, out]) == out:
+        raise ValueError(f"--model {cfg.model} lies inside --out {cfg.out}, whose checkpoint swap and "
+                         f"--overwrite delete what the run wrote: copy the model out, or pick another --out")
+    take_folder(cfg.out, "train.py", TRAIN_WRITES, cfg.overwrite)
     if cfg.resume or cfg.overwrite:
         return
     if latest_checkpoint(cfg.out):
@@ -97,13 +120,11 @@ def check_out(cfg):
 
 
 def clear_out(out):
-    """--overwrite: remove what the old run wrote (its checkpoints, log, caches and results), so nothing of it
-    is read back or left to look current."""
-    for name in CHECKPOINTS + ("eval",):  # eval/: eval.py's results on the old weights
-        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    for name in RUN_FILES:
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
+    """--overwrite: remove what the old run wrote (its checkpoints, log, replies and results; eval/ and
+    eval-val/: eval.py's results on the old weights). .baselines/ stays: keyed on everything theta0's metrics
+    depend on, a hit is what a new measurement would give, and a rerun with another target on the same base
+    is --overwrite's common use."""
+    clear_folder(out, CHECKPOINTS + ("eval", "eval-val") + RUN_FILES)
 
 
 def check_finite(model, step, cfg):
@@ -259,16 +280,15 @@ def replies(cfg, model, tok, run, prompts, n_tokens, prefills=None, lora=False):
 
 def baseline(cfg, compute, run):
     """theta0's metrics depend only on the model's content, the threat's data files, the code that measures
-    them and the measurement's settings: compute them once and keep them in runs/.baselines/, keyed on all of
-    it, so comparing targets does not re-measure the same base model every run, and nothing stale is read
-    back. Rank 0 decides whether it is cached (every rank of a sharded model must then measure, or none)
-    and keeps what is computed."""
+    them and the measurement's settings: compute them once and keep them in OUT/.baselines/, keyed on all of
+    it, so a rerun (--overwrite with another target, or --resume) does not re-measure the same base model,
+    and nothing stale is read back. Rank 0 decides whether it is cached (every rank of a sharded model must
+    then measure, or none) and keeps what is computed."""
     threat = THREATS[cfg.threat]
     key = json.dumps([CACHE_VERSION, fingerprint(cfg.model), cfg.threat, content_hash(MEASURED_BY),
                       content_hash(sorted(map(str, threat.paths.values()))), threat.max_new_tokens,
                       cfg.eval_n, cfg.seed])
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), ".baselines",
-                        hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
+    path = os.path.join(cfg.out, ".baselines", hashlib.sha1(key.encode()).hexdigest()[:16] + ".json")
     cached = run.from_main(json.load(open(path)) if run.main and os.path.exists(path) else None)
     if cached is not None:
         return cached
@@ -301,8 +321,7 @@ def plot_log(out):
         ax.set(xlabel="layer", ylabel=name, title=f"{name} per layer")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss.png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "loss.png"))
 
 
 def before_after_table(before, after):
@@ -326,7 +345,7 @@ def finish(cfg, model, tok, run, report, state=None):
     results = (f"# {cfg.organism or cfg.target} on {cfg.threat}\n\n"
                f"{before_after_table(report['before'], report['after'])}\n\n"
                f"wall time {report['wall_time_s']:.0f} s\n")
-    open(os.path.join(cfg.out, "results.md"), "w").write(results)
+    write_text(os.path.join(cfg.out, "results.md"), results)
     plot_log(cfg.out)
     shutil.rmtree(os.path.join(cfg.out, "checkpoint"), ignore_errors=True)
     run.print("\n" + results + f"\nsaved to {cfg.out}")

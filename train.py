@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import fsdp
 from chat import chat_generate, reply_text
-from checkpoint import load_model
+from checkpoint import dump_json, load_model, write_atomic
 from cli import check_ranges, cli, make_folder, native_bf16
 from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss, load_plugin,
                          parse_targets)
@@ -404,7 +404,7 @@ def train(cfg: TrainConfig):
     bf16 = use_bf16(cfg, run.device)
     check_out(cfg)
     make_folder(cfg.out)
-    run.lock = lock_folder(cfg.out) if run.main else None
+    run.lock = lock_folder(cfg.out, "train.py") if run.main else None
     run.barrier()  # every rank has checked --out before rank 0 changes it
     torch.manual_seed(cfg.seed)
     model, tok, frozen, reference, params, opt = setup(cfg, run, bf16)
@@ -414,7 +414,8 @@ def train(cfg: TrainConfig):
     if cfg.overwrite and run.main:  # or a later --resume, or a cache, would pick up the replaced run's state
         clear_out(cfg.out)
     if run.main:
-        json.dump(dataclasses.asdict(cfg), open(os.path.join(cfg.out, "train_config.json"), "w"), indent=2)
+        write_atomic(os.path.join(cfg.out, "train_config.json"),
+                     lambda f: dump_json(dataclasses.asdict(cfg), f))
     run.barrier()  # no rank reads a cache --overwrite removes (every rank must generate what rank 0 does)
     pairs, retain = training_pairs(cfg, tok, theta0, targets, run)
     trimmed = sum(p.trimmed for p in pairs)

@@ -463,6 +463,7 @@ def test_bct_response_cache_is_regenerated_for_another_model(tiny_dir, tmp_path,
     monkeypatch.setattr(runs, "chat_generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = config(str(model), tmp_path / "bct")
     os.makedirs(cfg.out)
+    runs.lock_folder(cfg.out).close()   # a run's folder: train.py takes it (its marker) before any cache
     theta0, tok = load_model(str(model))
     run = parallel.Run()
     prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Name a colour."}]]
