@@ -69,7 +69,7 @@ import torch
 from bench_hf import HF_LOSSES, generate_hf, hf_forward, padded
 from chat import Chat, chat_generate, chat_generate_ids, chat_prompt_ids, reply_text
 from checkpoint import EMBEDDED, dump_json, load_model, save_model, write_atomic
-from cli import check_ranges, cli, make_folder
+from cli import MAX_TOKENS, MAX_TURNS, check_ranges, cli, make_folder
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, parse_targets
 from lora import bf16_linears
 from threats import REJECTIONS_TRAIN, THREATS, assistant, user
@@ -123,8 +123,8 @@ class BenchConfig:
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
 BENCH_RANGES = {"batch_size": (1, None), "warmup": (0, None), "steps": (1, None), "rounds": (1, None),
-                "response_tokens": (1, None), "lr": (0, None), "gen_tokens": (1, None), "peak_n": (0, None),
-                "threads": (0, None), "rollouts": (0, None), "rollout_turns": (1, None)}
+                "response_tokens": (1, MAX_TOKENS), "lr": (0, None), "gen_tokens": (1, MAX_TOKENS),
+                "peak_n": (0, None), "threads": (0, None), "rollouts": (0, None), "rollout_turns": (1, MAX_TURNS)}
 
 
 # ----------------------------------------------------------------------------- helpers (tested)

@@ -65,7 +65,7 @@ import directions
 import model_judge
 from answers import Generator
 from checkpoint import EMBEDDED, fingerprint, load_model, non_finite
-from cli import check_ranges, cli, make_folder, native_bf16
+from cli import MAX_TOKENS, MAX_TURNS, check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
 from report import matrix, slug, write_outputs
@@ -107,9 +107,9 @@ class EvalConfig:
 
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
-EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, None), "boot": (1, None),
-               "ppl_lines": (0, None), "mech_n": (1, None), "horizon": (0, None), "mech_batch": (1, None),
-               "threads": (0, None)}
+EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, MAX_TOKENS), "batch_size": (1, None), "boot": (1, None),
+               "ppl_lines": (0, None), "mech_n": (1, None), "horizon": (0, MAX_TURNS),
+               "mech_batch": (1, None), "threads": (0, None)}
 
 # ----------------------------------------------------------------------------- progress
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import fsdp
 from chat import chat_generate, reply_text
 from checkpoint import load_model
-from cli import check_ranges, cli, make_folder, native_bf16
+from cli import MAX_TOKENS, check_ranges, cli, make_folder, native_bf16
 from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss, load_plugin,
                          parse_targets)
 from items import DATA_DIR, load_data
@@ -112,7 +112,7 @@ TRAIN_RANGES = {"n_train": (1, None), "steps": (1, None), "batch_size": (1, None
                 "lr": (0, None), "warmup": (0, None), "min_lr_frac": (0, 1), "weight_decay": (0, None),
                 "grad_clip": (0, None), "lora_rank": (-1, None), "lora_alpha": (0, None),
                 "retain_frac": (0, 1), "prefill_sft": (0, None),
-                "anchor_frac": (0, 1), "response_tokens": (1, None), "eval_n": (0, None),
+                "anchor_frac": (0, 1), "response_tokens": (1, MAX_TOKENS), "eval_n": (0, None),
                 "save_every": (1, None)}
 
 

@@ -74,6 +74,8 @@ def test_pairs_carry_responses_only_for_bct():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(steps=0), "--steps 0: use a value of 1 or more"),
+                                    (dict(gen_tokens=10**9), "--gen-tokens 1000000000: use a value from 1 to"),
+                                    (dict(rollout_turns=10**8), "--rollout-turns 100000000: use a value from 1"),
                                     (dict(regimes="short,medium"),
                                      "--regimes medium: choose from short,long"),
                                     (dict(adamw="sgd"), "--adamw sgd: choose from default,foreach,fused"),

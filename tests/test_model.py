@@ -555,3 +555,18 @@ def test_fingerprint_follows_content_of_gguf_files_and_sharded_folders(tmp_path)
     first = fingerprint(str(gguf))
     gguf.write_bytes(b"GGUF" + bytes(63) + b"\1")
     assert fingerprint(str(gguf)) != first
+
+
+def test_max_position_embeddings_is_enforced_in_the_forward_and_before_generating(tiny):
+    model, _, _ = tiny  # its config.json: max_position_embeddings 256
+    limit = "pass the model's max_position_embeddings of 256"
+    for mask in (None, torch.ones(1, 257, dtype=torch.long)):
+        with pytest.raises(ValueError, match=f"257 tokens .*{limit}"):
+            model(torch.zeros(1, 257, dtype=torch.long), attention_mask=mask)
+    padded = torch.cat([torch.zeros(1, 44, dtype=torch.long), torch.ones(1, 256, dtype=torch.long)], 1)
+    assert model(torch.zeros(1, 300, dtype=torch.long), attention_mask=padded, logits=False).hidden.shape[1] == 300
+    assert len(model.generate([[1] * 250], 6, eos_id=-1)) == 1
+    with pytest.raises(ValueError, match=f"257 tokens .*{limit}"):
+        model.generate([[1] * 250], 7, eos_id=-1)
+    with pytest.raises(ValueError, match=f"1000000002 tokens .*{limit}"):  # refused before a cache that big
+        Chat(model, eos_id=-1).generate([[1, 2]], 10**9)

@@ -321,6 +321,8 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
                                     (dict(steps=0), "--steps 0: use a value of 1 or more"),
                                     (dict(batch_size=0), "--batch-size 0: use a value of 1 or more"),
                                     (dict(retain_frac=1.5), "--retain-frac 1.5: use a value from 0 to 1"),
+                                    (dict(response_tokens=10**9),
+                                     "--response-tokens 1000000000: use a value from 1 "),
                                     (dict(lr=float("inf")), "--lr inf: use a finite number"),
                                     (dict(min_lr_frac=float("nan")),
                                      "--min-lr-frac nan: use a finite number"),
