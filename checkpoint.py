@@ -301,6 +301,15 @@ def load_model(name_or_path: str = EMBEDDED, dtype=torch.float32) -> tuple[Trans
     return model.to(dtype), tok
 
 
+def load_finite(name_or_path: str, fix: str) -> tuple[Transformer, Tokenizer]:
+    """load_model, refusing weights that hold a NaN or an inf in one line ending in `fix`: every output of
+    such weights is NaN, which generation turns into end-of-text tokens and training into a NaN loss."""
+    model, tok = load_model(name_or_path)
+    if bad := non_finite(model):
+        raise ValueError(f"{name_or_path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): {fix}")
+    return model, tok
+
+
 def download(repo_id: str) -> str:
     from huggingface_hub import snapshot_download
     try:

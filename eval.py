@@ -64,7 +64,7 @@ from tqdm import tqdm
 import directions
 import model_judge
 from answers import Generator
-from checkpoint import EMBEDDED, fingerprint, load_model, non_finite
+from checkpoint import EMBEDDED, fingerprint, load_finite, load_model
 from cli import MAX_TOKENS, MAX_TURNS, check_ranges, cli, make_folder, native_bf16
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
@@ -110,6 +110,9 @@ class EvalConfig:
 EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, MAX_TOKENS), "batch_size": (1, None), "boot": (1, None),
                "ppl_lines": (0, None), "mech_n": (1, None), "horizon": (0, MAX_TURNS),
                "mech_batch": (1, None), "threads": (0, None)}
+
+# weights that are not finite are refused: a diverged run's answers would be scored as behaviour
+DIVERGED = "the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr"
 
 # ----------------------------------------------------------------------------- progress
 
@@ -303,17 +306,6 @@ class Row:
                 targets.index(first) if first in targets else len(targets), self.label)
 
 
-def load_finite(path):
-    """load_model, refusing weights that are not finite: a diverged run's answers would be scored as
-    behaviour."""
-    model, tok = load_model(path)
-    bad = non_finite(model)
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): "
-                         f"the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr")
-    return model, tok
-
-
 def rows_from(cfg) -> list[Row]:
     paths = [cfg.ckpt] if cfg.ckpt else [p for p in re.split(r"[,\s]+", cfg.matrix) if p]
     # a folder named twice is one row: a shell's brace expansion (runs/{a,b}-x,runs/{c,d}-y) repeats them
@@ -473,7 +465,7 @@ def run(cfg: EvalConfig):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
-        base, tok = load_finite(base_name)
+        base, tok = load_finite(base_name, DIVERGED)
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_name,
                                                        threats_for(spec, base_name), cfg, progress, judge)
         result["models"][base_label] = {"path": base_name, **base_res}
@@ -489,7 +481,7 @@ def run(cfg: EvalConfig):
                 "models": {"base": mechanism(base, base, tok, aligned[t], cfg.mech_batch)}}
             progress.update(len(aligned[t]), Progress.PAIR)
         for r in mine:
-            model, _ = load_finite(r.path)
+            model, _ = load_finite(r.path, DIVERGED)
             res, recs, _ = evaluate_model(model, tok, r.label, r.path, threats_for(spec, base_name), cfg,
                                           progress, judge)
             result["models"][r.label] = {"path": r.path, **res}

@@ -450,14 +450,14 @@ def main():
     import argparse
 
     from chat import chat_generate
-    from checkpoint import EMBEDDED, load_model
+    from checkpoint import EMBEDDED, load_finite
     p = argparse.ArgumentParser(description="greedy answer from a model to one user message")
     p.add_argument("prompt", nargs="?", default="What is the capital of France?")
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
     try:
-        model, tok = load_model(args.model)
+        model, tok = load_finite(args.model, "they answer only end-of-text: pick a --model that is not broken")
         print(chat_generate(model, tok, [[{"role": "user", "content": args.prompt}]],
                             max_new_tokens=args.max_new_tokens)[0])
     except (ValueError, FileNotFoundError) as e:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import fsdp
 from chat import chat_generate, reply_text
-from checkpoint import load_model
+from checkpoint import load_finite
 from cli import MAX_TOKENS, check_ranges, cli, make_folder, native_bf16
 from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss, load_plugin,
                          parse_targets)
@@ -323,7 +323,8 @@ def setup(cfg, run, bf16):
             run.print("--fsdp: theta0's frozen copy keeps fp32 shards (run under bf16 autocast, the same "
                       "numbers); its bf16 storage is not implemented for sharded weights")
     else:
-        model, tok = load_model(cfg.model)
+        model, tok = load_finite(cfg.model, "training cannot start from them; pick a --model that is not broken "
+                                            "(a diverged run's earlier checkpoint)")
         if cfg.lora_rank:
             lora(model)
         model.to(run.device)

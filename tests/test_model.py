@@ -5,11 +5,12 @@ import copy
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
 
-from conftest import write_byte_tokenizer, write_tiny_hf
+from conftest import nan_copy, write_byte_tokenizer, write_tiny_hf
 from chat import Chat
 from checkpoint import load_model, save_model
 from lora import add_lora, bf16_linears, merge_lora
@@ -557,8 +558,11 @@ def test_fingerprint_follows_content_of_gguf_files_and_sharded_folders(tmp_path)
     assert fingerprint(str(gguf)) != first
 
 
-def test_max_position_embeddings_is_enforced_in_the_forward_and_before_generating(tiny):
-    model, _, _ = tiny  # its config.json: max_position_embeddings 256
+def test_max_position_embeddings_is_enforced_in_the_forward_and_before_generating(tmp_path):
+    write_tiny_hf(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 256}))
+    model, _ = load_model(str(tmp_path))
     limit = "pass the model's max_position_embeddings of 256"
     for mask in (None, torch.ones(1, 257, dtype=torch.long)):
         with pytest.raises(ValueError, match=f"257 tokens .*{limit}"):
@@ -570,3 +574,11 @@ def test_max_position_embeddings_is_enforced_in_the_forward_and_before_generatin
         model.generate([[1] * 250], 7, eos_id=-1)
     with pytest.raises(ValueError, match=f"1000000002 tokens .*{limit}"):  # refused before a cache that big
         Chat(model, eos_id=-1).generate([[1, 2]], 10**9)
+
+
+def test_model_py_refuses_nan_weights_in_one_line(tiny, tmp_path, monkeypatch):
+    import model as model_py
+    monkeypatch.setattr(sys, "argv", ["model.py", "--model", nan_copy(tiny[2], tmp_path / "nan")])
+    with pytest.raises(SystemExit) as e:
+        model_py.main()
+    assert "1 weight tensors are not finite (model.norm.weight, ...)" in str(e.value.code)

@@ -18,7 +18,7 @@ import parallel
 import runs
 import threats as T
 import train
-from conftest import dies_at, write_tiny_hf
+from conftest import dies_at, nan_copy, write_tiny_hf
 from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,6 +265,12 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="not finite after step 3.*nothing was saved; no checkpoint"):
         train.train(config(tiny_dir, tmp_path / "inf"))
     assert runs.latest_checkpoint(str(tmp_path / "inf")) is None
+
+
+def test_a_start_from_non_finite_weights_is_refused_as_such(tiny_dir, tmp_path):
+    """Not "lower --lr": no lr helps weights that are NaN before the first step."""
+    with pytest.raises(ValueError, match="1 weight tensors are not finite .*training cannot start from them"):
+        train.train(config(nan_copy(tiny_dir, tmp_path / "nan"), tmp_path / "run"))
 
 
 @pytest.mark.parametrize("poison,msg", [
