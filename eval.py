@@ -278,11 +278,11 @@ def parse_threats(spec):
     if spec in ("auto", "all"):
         return spec
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    for name in names:
+    for name in names or [spec]:  # a list of no names is not auto: the user meant some threats
         if name not in THREATS:
             raise ValueError(f"unknown threat {name!r} in --threats: use auto, all, or a comma list of "
                              f"{', '.join(THREATS)}")
-    return names or "auto"
+    return names
 
 
 def threats_for(spec, base):

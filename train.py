@@ -36,7 +36,7 @@ from chat import chat_generate, reply_text
 from checkpoint import load_finite
 from cli import MAX_TOKENS, check_ranges, cli, make_folder, native_bf16
 from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss, load_plugin,
-                         parse_targets)
+                         no_signal, parse_targets)
 from items import DATA_DIR, load_data
 from lora import add_lora, bf16_linears, lora_disabled
 from organisms import organism_data
@@ -149,6 +149,10 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     # each process averages the rows it holds: it must hold as many of each kind as every other, or the
     # processes' mean is not one process's (sample_batch deals pairs and retain rows apart)
     extra = round(cfg.batch_size * (cfg.retain_frac or cfg.anchor_frac))
+    if extra >= cfg.batch_size:
+        flag = "--retain-frac" if cfg.retain_frac else "--anchor-frac"
+        raise ValueError(f"{flag} {cfg.retain_frac or cfg.anchor_frac} fills all {cfg.batch_size} rows of a "
+                         f"batch, leaving no threat pairs to train on: use a smaller share")
     if extra % world:
         raise ValueError(f"--batch-size {cfg.batch_size} holds {extra} retain or anchor rows, which {world} "
                          f"processes cannot share evenly: pick a --batch-size or --retain-frac / "
@@ -274,9 +278,13 @@ def training_pairs(cfg, tok, theta0, targets, run):
         aligned = [align(tok, p) for p in pairs]
         moved = [a for a in aligned if a.content_moved]
         if not moved:
+            # name only targets these pairs train: a labels target gets theta0's responses, others need the
+            # positions they read (a prefill threat has no shared suffix for act)
+            batch = collate(aligned, tok.pad_id)
+            works = [n for n in TARGETS if TARGETS[n].reads == "labels" or not no_signal(n, batch)]
             raise ValueError(f"{'+'.join(sorted(names))} gets no signal on {cfg.threat}: every wrapper "
                              f"follows the clean content, so under causal attention the content's internals "
-                             f"never change; use act or bct for this threat")
+                             f"never change; use {' or '.join(works)} for this threat")
         if run.main and len(moved) < len(aligned):
             print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows "
                   f"the content (no {'/'.join(sorted(names))} signal under causal attention)")

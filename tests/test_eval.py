@@ -416,6 +416,7 @@ def test_perplexity_matches_transformers(runs):
     ([], "pass --ckpt DIR or --matrix"),
     (["--ckpt", "{ckpt}", "--gen-dtype", "fp16"], "--gen-dtype 'fp16'"),
     (["--ckpt", "{ckpt}", "--n", "0"], "--n 0: use a value of 1 or more"),
+    (["--ckpt", "{ckpt}", "--threats", ","], "unknown threat ',' in --threats: use auto, all, or a comma"),
     (["--ckpt", "{ckpt}", "--max-new-tokens", "1000000000"], "--max-new-tokens 1000000000: use a value from 1 to"),
     (["--ckpt", "{ckpt}", "--horizon", "100000000"], "--horizon 100000000: use a value from 0 to 1000"),
     (["--ckpt", "{ckpt}", "--n-threat", "sycophancy=90"], "--n-threat 'sycophancy=90': give threat:count"),

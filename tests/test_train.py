@@ -267,6 +267,14 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     assert runs.latest_checkpoint(str(tmp_path / "inf")) is None
 
 
+def test_a_content_target_on_prefill_names_targets_that_train_there(tiny_dir, tmp_path):
+    """act, the old advice, also refuses prefill pairs (no prompt token follows a prefill to match on)."""
+    with pytest.raises(ValueError, match="mlpct gets no signal on prefill: .*; use bct or prefill for this"):
+        train.train(config(tiny_dir, tmp_path / "m", threat="prefill"))
+    with pytest.raises(ValueError, match="act has no shared suffix"):
+        train.train(config(tiny_dir, tmp_path / "a", threat="prefill", target="act"))
+
+
 def test_a_start_from_non_finite_weights_is_refused_as_such(tiny_dir, tmp_path):
     """Not "lower --lr": no lr helps weights that are NaN before the first step."""
     with pytest.raises(ValueError, match="1 weight tensors are not finite .*training cannot start from them"):
@@ -327,6 +335,8 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
                                     (dict(steps=0), "--steps 0: use a value of 1 or more"),
                                     (dict(batch_size=0), "--batch-size 0: use a value of 1 or more"),
                                     (dict(retain_frac=1.5), "--retain-frac 1.5: use a value from 0 to 1"),
+                                    (dict(target="bct", retain_frac=1.0), "--retain-frac 1.0 fills all 4 rows"),
+                                    (dict(anchor_frac=0.9), "--anchor-frac 0.9 fills all 4 rows"),
                                     (dict(response_tokens=10**9),
                                      "--response-tokens 1000000000: use a value from 1 "),
                                     (dict(lr=float("inf")), "--lr inf: use a finite number"),
