@@ -127,6 +127,9 @@ def from_hf(c: dict) -> ModelConfig:
     # transformers >= 5 writes `rope_parameters` (theta inside it; Gemma 3's per layer type); older
     # configs `rope_scaling`, and Gemma 3 its sliding layers' base as rope_local_base_freq
     scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise TypeError(f"rope_scaling must be an object like {{\"rope_type\": \"llama3\", ...}}, "
+                        f"got {scaling!r}")
     local_theta = c.get("rope_local_base_freq")
     if "full_attention" in scaling:
         local_theta = (scaling.get("sliding_attention") or {}).get("rope_theta")
@@ -243,14 +246,14 @@ def hf_tensors(path: str) -> tuple[ModelConfig, dict]:
         raise FileNotFoundError(f"{cfg_path} not found: "
                                 "a model folder needs config.json, *.safetensors and tokenizer.json")
     try:
-        c = json.load(open(cfg_path))
+        c = json.load(open(cfg_path, encoding="utf-8"))
         if not isinstance(c, dict):
             raise TypeError(f"a JSON object was expected, got {type(c).__name__}")
         multimodal = (c.get("architectures") or [""])[0] == "Gemma3ForConditionalGeneration"
         if multimodal:  # Gemma 3 4B and up: the text model is the language model inside
             c = GEMMA3_TEXT_DEFAULTS | c["text_config"] | {"architectures": ["Gemma3ForCausalLM"]}
         cfg = from_hf(c)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): "
                          "restore it from the source") from None
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))

@@ -495,12 +495,17 @@ def test_compiled_blocks_keep_compiling_past_dynamos_default_limit(tiny):
     ("[1, 2]", "a JSON object was expected, got list"),
     ({"hidden_size": "64"}, "d_model must be a positive integer, got '64'"),
     ({"num_hidden_layers": None}, "n_layer must be a positive integer, got None"),
+    ({"rope_parameters": None, "rope_scaling": "linear"}, "rope_scaling must be an object like"),  # < v5
+    ('{"hidden_size": "\xe9"}'.encode("latin-1"), "UnicodeDecodeError"),
 ])
 def test_a_wrongly_typed_config_is_one_line(tmp_path, config, msg):
     write_tiny_hf(tmp_path, "llama")
     path = tmp_path / "config.json"
-    path.write_text(config if isinstance(config, str)
-                    else json.dumps({**json.loads(path.read_text()), **config}))
+    if isinstance(config, bytes):
+        path.write_bytes(config)
+    else:
+        path.write_text(config if isinstance(config, str)
+                        else json.dumps({**json.loads(path.read_text()), **config}))
     with pytest.raises(ValueError, match=re.escape(msg)) as e:
         load_model(str(tmp_path))
     assert "\n" not in str(e.value) and "config.json" in str(e.value)
@@ -510,6 +515,8 @@ def test_a_wrongly_typed_config_is_one_line(tmp_path, config, msg):
     ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
     ("{{ ''.__class__.__mro__ }}", "SecurityError"),
     ("{{ raise_exception('System role not supported') }}", "System role not supported"),
+    ("{% include 'other.jinja' %}", "TypeError: no loader"),
+    ("{% for i in range(10**9) %}{% endfor %}", "OverflowError: Range too big"),
 ])
 def test_a_broken_or_refusing_chat_template_is_one_line(tmp_path, template, msg):
     write_tiny_hf(tmp_path, "llama")
