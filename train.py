@@ -41,8 +41,8 @@ from items import DATA_DIR, load_data
 from lora import add_lora, bf16_linears, lora_disabled
 from organisms import organism_data
 from parallel import Run
-from runs import (baseline, check_finite, check_out, clear_out, finish, load_checkpoint, lock_folder, replies,
-                  resume_advice, save_checkpoint)
+from runs import (baseline, check_finite, check_out, clear_out, finish, load_checkpoint, lock_folder, open_log,
+                  replies, resume_advice, save_checkpoint)
 from threats import COMPLIED, EVAL_WRAPPERS, REFUSED, THREATS, Pair, eval_size, mix, user
 from tokenizer import Tokenizer
 
@@ -439,9 +439,7 @@ def train(cfg: TrainConfig):
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     inputs = StepInputs(model, reference, params, tok, autocast, pairs, retain, loss_targets)
 
-    # a resumed run adds to its log (the steps past the checkpoint show twice, as they ran);
-    # a new one starts it
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if run.main else None
+    log = open_log(cfg.out, cfg.resume) if run.main else None
     ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start,
                          total=cfg.steps)
     t_last, tokens = time.time(), 0

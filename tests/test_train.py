@@ -664,3 +664,45 @@ def test_resume_refuses_a_model_whose_weights_changed(tiny_dir, tmp_path, monkey
     write_tiny_hf(model, "llama", tied=True, seed=3)
     with pytest.raises(ValueError, match="the weights in --model .* changed since"):
         train.train(config(str(model), tmp_path / "r", resume=True))
+
+
+class Payload:
+    def __reduce__(self):  # unpickling it would call print: torch.load(weights_only=True) refuses it
+        return print, ("ran",)
+
+
+@pytest.mark.parametrize("broken", ["pickle", "truncated"])
+def test_an_unreadable_train_state_is_a_one_line_refusal(tiny_dir, tmp_path, monkeypatch, broken):
+    import pickle
+    interrupted_run(config(tiny_dir, tmp_path / "r"), at_call=5, monkeypatch=monkeypatch)
+    path = tmp_path / "r" / "checkpoint" / "train_state.pt"
+    path.write_bytes(pickle.dumps(Payload()) if broken == "pickle" else path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="train_state.pt cannot be read .*start over with --overwrite") as e:
+        train.train(config(tiny_dir, tmp_path / "r", resume=True))
+    assert "\n" not in str(e.value)
+
+
+def test_a_log_line_cut_by_a_crash_does_not_break_the_resume(tiny_dir, tmp_path, monkeypatch):
+    interrupted_run(config(tiny_dir, tmp_path / "r"), at_call=5, monkeypatch=monkeypatch)
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    train.train(config(tiny_dir, tmp_path / "r", resume=True))
+    # steps 0-3 before the cut (the checkpoint holds 3 steps), then 3-5 again from the checkpoint
+    assert [json.loads(line)["step"] for line in open(tmp_path / "r" / "log.jsonl")] == [0, 1, 2, 3, 3, 4, 5]
+    assert (tmp_path / "r" / "loss.png").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(tiny_dir, tmp_path, monkeypatch):
+    import errno
+    real = runs.save_model
+
+    def fills_up(model, tok, path, extra=None):
+        if extra["step.json"]["step"] == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "model.safetensors"))
+        return real(model, tok, path, extra=extra)
+
+    monkeypatch.setattr(runs, "save_model", fills_up)
+    with pytest.raises(ValueError, match=r"checkpoint of step 6 could not be written \(No space left on device: "
+                                         r".*the last checkpoint is .*\(step 3\): rerun with free disk space"):
+        train.train(config(tiny_dir, tmp_path / "r"))
+    assert runs.latest_checkpoint(str(tmp_path / "r"))[1] == 3
