@@ -411,6 +411,9 @@ def run(cfg: BenchConfig):
     check_ranges(cfg, BENCH_RANGES)
     # now, not after an hour of measurements
     make_folder(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}")
+    if os.path.isdir(cfg.out):  # the rename that writes the file would fail on it, after all the work
+        raise ValueError(f"--out {cfg.out} is a folder: name the file the table goes to, e.g. "
+                         f"{os.path.join(cfg.out, 'bench.json')}")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
