@@ -649,7 +649,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_
                         lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if ".write-test-" in str(f) else real(f, *a, **k))
     loads = []
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(train, "load_finite", lambda *a, **k: loads.append(1))
     with pytest.raises(ValueError, match="--out: cannot write to the folder .*ro .Permission denied.: "
                                          "pick a writable"):
         train.train(config(tiny_dir, tmp_path / "ro"))
