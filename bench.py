@@ -69,7 +69,7 @@ import torch
 from bench_hf import HF_LOSSES, generate_hf, hf_forward, padded
 from chat import Chat, chat_generate, chat_generate_ids, chat_prompt_ids, reply_text
 from checkpoint import EMBEDDED, dump_json, load_model, save_model, write_atomic
-from cli import check_ranges, cli, make_folder
+from cli import MAX_TOKENS, MAX_TURNS, check_ranges, cli, make_folder
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, parse_targets
 from lora import bf16_linears
 from threats import REJECTIONS_TRAIN, THREATS, assistant, user
@@ -123,8 +123,8 @@ class BenchConfig:
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
 BENCH_RANGES = {"batch_size": (1, None), "warmup": (0, None), "steps": (1, None), "rounds": (1, None),
-                "response_tokens": (1, None), "lr": (0, None), "gen_tokens": (1, None), "peak_n": (0, None),
-                "threads": (0, None), "rollouts": (0, None), "rollout_turns": (1, None)}
+                "response_tokens": (1, MAX_TOKENS), "lr": (0, None), "gen_tokens": (1, MAX_TOKENS),
+                "peak_n": (0, None), "threads": (0, None), "rollouts": (0, None), "rollout_turns": (1, MAX_TURNS)}
 
 
 # ----------------------------------------------------------------------------- helpers (tested)
@@ -411,6 +411,9 @@ def run(cfg: BenchConfig):
     check_ranges(cfg, BENCH_RANGES)
     # now, not after an hour of measurements
     make_folder(os.path.dirname(os.path.abspath(cfg.out)), f"--out {cfg.out}")
+    if os.path.isdir(cfg.out):  # the rename that writes the file would fail on it, after all the work
+        raise ValueError(f"--out {cfg.out} is a folder: name the file the table goes to, e.g. "
+                         f"{os.path.join(cfg.out, 'bench.json')}")
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -41,6 +41,8 @@ class Chat:
             k = min(k, len(p) - 1)   # the last prompt token is fed again: its logits start the reply
             rows.append(j if k else None)
             kept.append(k)
+        # a row's positions are its conversation's tokens: held slots masked out count none
+        model.check_length(max(map(len, prompts)) + max(max_new_tokens, 1))
         past = self.cache.pos if self.cache is not None else 0
         new = max(len(p) - k for p, k in zip(prompts, kept))
         cache = KVCache(model.cfg, len(prompts), past + new + max_new_tokens, device,

@@ -132,6 +132,9 @@ def from_hf(c: dict) -> ModelConfig:
     # transformers >= 5 writes `rope_parameters` (theta inside it; Gemma 3's per layer type); older
     # configs `rope_scaling`, and Gemma 3 its sliding layers' base as rope_local_base_freq
     scaling = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise TypeError(f"rope_scaling must be an object like {{\"rope_type\": \"llama3\", ...}}, "
+                        f"got {scaling!r}")
     local_theta = c.get("rope_local_base_freq")
     if "full_attention" in scaling:
         local_theta = (scaling.get("sliding_attention") or {}).get("rope_theta")
@@ -248,14 +251,14 @@ def hf_tensors(path: str) -> tuple[ModelConfig, dict]:
         raise FileNotFoundError(f"{cfg_path} not found: "
                                 "a model folder needs config.json, *.safetensors and tokenizer.json")
     try:
-        c = json.load(open(cfg_path))
+        c = json.load(open(cfg_path, encoding="utf-8"))
         if not isinstance(c, dict):
             raise TypeError(f"a JSON object was expected, got {type(c).__name__}")
         multimodal = (c.get("architectures") or [""])[0] == "Gemma3ForConditionalGeneration"
         if multimodal:  # Gemma 3 4B and up: the text model is the language model inside
             c = GEMMA3_TEXT_DEFAULTS | c["text_config"] | {"architectures": ["Gemma3ForCausalLM"]}
         cfg = from_hf(c)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{cfg_path} is corrupt or incomplete ({type(e).__name__}: {e}): "
                          "restore it from the source") from None
     shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
@@ -310,6 +313,15 @@ def model_spec(name_or_path: str) -> tuple[ModelConfig, Tokenizer]:
     """A model's config and tokenizer as load_model reads them, its weights left unread."""
     path = locate(name_or_path)
     return (hf_tensors(path)[0], Tokenizer.from_dir(path)) if os.path.isdir(path) else load_gguf(path, False)
+
+
+def load_finite(name_or_path: str, fix: str) -> tuple[Transformer, Tokenizer]:
+    """load_model, refusing weights that hold a NaN or an inf in one line ending in `fix`: every output of
+    such weights is NaN, which generation turns into end-of-text tokens and training into a NaN loss."""
+    model, tok = load_model(name_or_path)
+    if bad := non_finite(model):
+        raise ValueError(f"{name_or_path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): {fix}")
+    return model, tok
 
 
 def download(repo_id: str) -> str:

@@ -27,6 +27,13 @@ def cli(cls):
     return cls(**vars(p.parse_args()))
 
 
+# upper bounds of the length flags, so that a typo stops at once and not after the model loads or an hour in:
+# new tokens up to the longest max_position_embeddings of the families model.py loads (Llama 3.1, Gemma 3;
+# the model's own limit is then enforced by its forward), conversation turns up to a fixed cap far past any
+# paper's (20) that a rollout of a few tokens a turn still fits in such a context
+MAX_TOKENS, MAX_TURNS = 131_072, 1_000
+
+
 def check_ranges(cfg, ranges):
     """A one-line error naming the first numeric flag outside its range;
     ranges: {field: (lowest, highest)}."""

@@ -71,8 +71,8 @@ from tqdm import tqdm
 import directions
 import model_judge
 from answers import Generator
-from checkpoint import EMBEDDED, fingerprint, load_model, model_spec, non_finite, write_text
-from cli import check_ranges, clear_folder, cli, make_folder, native_bf16, take_folder
+from checkpoint import EMBEDDED, fingerprint, load_finite, load_model, model_spec, write_text
+from cli import MAX_TOKENS, MAX_TURNS, check_ranges, clear_folder, cli, make_folder, native_bf16, take_folder
 from consistency import TARGETS, align, collate, consistency_loss, load_plugin, no_signal, pad, token_nll
 from items import DATA_DIR
 from report import matrix, slug, write_outputs
@@ -120,9 +120,12 @@ OUTPUTS = ("results.json", "results.md", "bars.png", "matrix.png", "frustration.
            "directions*.png", "records", "answers", "verdicts", "*.tmp")
 
 # every numeric flag's allowed range, both ends included (None: no upper bound)
-EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, None), "batch_size": (1, None), "boot": (1, None),
-               "ppl_lines": (0, None), "mech_n": (1, None), "horizon": (0, None), "mech_batch": (1, None),
-               "threads": (0, None)}
+EVAL_RANGES = {"n": (1, None), "max_new_tokens": (1, MAX_TOKENS), "batch_size": (1, None), "boot": (1, None),
+               "ppl_lines": (0, None), "mech_n": (1, None), "horizon": (0, MAX_TURNS),
+               "mech_batch": (1, None), "threads": (0, None)}
+
+# weights that are not finite are refused: a diverged run's answers would be scored as behaviour
+DIVERGED = "the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr"
 
 # ----------------------------------------------------------------------------- progress
 
@@ -288,11 +291,11 @@ def parse_threats(spec):
     if spec in ("auto", "all"):
         return spec
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    for name in names:
+    for name in names or [spec]:  # a list of no names is not auto: the user meant some threats
         if name not in THREATS:
             raise ValueError(f"unknown threat {name!r} in --threats: use auto, all, or a comma list of "
                              f"{', '.join(THREATS)}")
-    return names or "auto"
+    return names
 
 
 def threats_for(spec, base):
@@ -316,21 +319,16 @@ class Row:
                 targets.index(first) if first in targets else len(targets), self.label)
 
 
-def load_finite(path):
-    """load_model, refusing weights that are not finite (a diverged run's answers would be scored as
-    behaviour), and the fingerprint of the weights loaded, taken before they are read (unchanged checks it
-    still holds)."""
+def load_measured(path):
+    """checkpoint.load_finite, and the fingerprint of the weights loaded, taken before they are read
+    (unchanged checks it still holds)."""
     fp = fingerprint(path)
-    model, tok = load_model(path)
-    bad = non_finite(model)
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} weight tensors are not finite ({bad[0]}, ...): "
-                         f"the run diverged; evaluate an earlier checkpoint or retrain with a lower --lr")
+    model, tok = load_finite(path, DIVERGED)
     return model, tok, fp
 
 
 def unchanged(path, fp):
-    """Refuse a model whose files changed since load_finite read them (a train.py --overwrite of its folder
+    """Refuse a model whose files changed since load_measured read them (a train.py --overwrite of its folder
     finished mid-eval): its results would describe weights that are no longer there."""
     if fingerprint(path) != fp:
         raise ValueError(f"{path}: its weights changed while they were evaluated (a training run wrote "
@@ -533,7 +531,7 @@ def evaluate(cfg, rows, spec, t0):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
-        base, tok, base_fp = load_finite(base_name)
+        base, tok, base_fp = load_measured(base_name)
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_fp,
                                                        threats_for(spec, base_name), cfg, progress, judge)
         result["models"][base_label] = {"path": base_name, **base_res}
@@ -550,7 +548,7 @@ def evaluate(cfg, rows, spec, t0):
             progress.update(len(aligned[t]), Progress.PAIR)
         unchanged(base_name, base_fp)
         for r in mine:
-            model, _, fp = load_finite(r.path)
+            model, _, fp = load_measured(r.path)
             res, recs, _ = evaluate_model(model, tok, r.label, fp, threats_for(spec, base_name), cfg,
                                           progress, judge)
             result["models"][r.label] = {"path": r.path, **res}

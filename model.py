@@ -327,6 +327,8 @@ class Transformer(nn.Module):
         S = kv_cache.max_len if kv_cache is not None else T  # keys attended to
         if past + T > S:
             raise ValueError(f"{past + T} tokens do not fit a KV cache of {S}: allocate a longer one")
+        if attention_mask is None:
+            self.check_length(past + T)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.cfg.vocab_size):
             raise ValueError(f"token id out of range [0, {self.cfg.vocab_size}): "
                              f"encode with this model's tokenizer")
@@ -340,6 +342,8 @@ class Transformer(nn.Module):
             am = F.pad(attention_mask.bool(), (0, S - past - T))  # cache slots not written yet
             kpos = am.long().cumsum(-1) - 1   # each slot's position: the real tokens before it
             pos = kpos[:, past:past + T].clamp(min=0)
+            if T and past + T > self.cfg.max_seq_len:  # only then can a position pass it: read them
+                self.check_length(int(pos.max()) + 1)
             # a pad query would otherwise see no key at all and turn into NaN; let it see itself
             mask = ((k_idx[None, :] <= q_idx) & am[:, None, :]) | (k_idx[None, :] == q_idx)
             mask = mask[:, None]
@@ -354,6 +358,13 @@ class Transformer(nn.Module):
             causal = mask if mask is not None else (k_idx[None, :] <= q_idx)[None, None]
             local = causal & (kpos[:, None, :] > pos[:, :, None] - self.cfg.sliding_window)[:, None]
         return mask, local, pos
+
+    def check_length(self, n):
+        """A one-line error for n positions past max_position_embeddings, where RoPE leaves what the model
+        was trained on and its outputs mean nothing."""
+        if n > self.cfg.max_seq_len:
+            raise ValueError(f"{n} tokens (prompt plus new tokens) pass the model's max_position_embeddings "
+                             f"of {self.cfg.max_seq_len}: use a shorter prompt or fewer new tokens")
 
     @staticmethod
     def rope(pos, inv_freq, dtype):
@@ -394,6 +405,7 @@ class Transformer(nn.Module):
         device = self.lm_head.weight.device
         eos_id = self.cfg.eos_token_id if eos_id is None else eos_id
         longest = max(map(len, prompts))
+        self.check_length(longest + max(max_new_tokens, 1))  # before a cache of that length is allocated
         ids = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for p in prompts], device=device)
         mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
         cache = KVCache(self.cfg, len(prompts), longest + max_new_tokens, device, self.lm_head.weight.dtype)
@@ -438,14 +450,14 @@ def main():
     import argparse
 
     from chat import chat_generate
-    from checkpoint import EMBEDDED, load_model
+    from checkpoint import EMBEDDED, load_finite
     p = argparse.ArgumentParser(description="greedy answer from a model to one user message")
     p.add_argument("prompt", nargs="?", default="What is the capital of France?")
     p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
     try:
-        model, tok = load_model(args.model)
+        model, tok = load_finite(args.model, "they answer only end-of-text: pick a --model that is not broken")
         print(chat_generate(model, tok, [[{"role": "user", "content": args.prompt}]],
                             max_new_tokens=args.max_new_tokens)[0])
     except (ValueError, FileNotFoundError) as e:

@@ -30,6 +30,7 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from contextlib import nullcontext
 
@@ -150,6 +151,14 @@ def save_checkpoint(cfg, model, tok, opt, step, run):
         return
     check_finite(model, step, cfg)
     path = os.path.join(cfg.out, "checkpoint")
+    try:
+        swap_in_checkpoint(cfg, model, tok, opt, step, run, path)
+    except OSError as e:  # a full disk: the checkpoint before this one is still whole
+        raise ValueError(f"the checkpoint of step {step} could not be written ({e.strerror}: {e.filename}); "
+                         f"{resume_advice(cfg, 'free disk space')}") from None
+
+
+def swap_in_checkpoint(cfg, model, tok, opt, step, run, path):
     if run.main:
         shutil.rmtree(path + ".tmp", ignore_errors=True)
     meta = {"train_config.json": dataclasses.asdict(cfg) | {"model_path": model_path(cfg.model),
@@ -229,7 +238,11 @@ def load_checkpoint(cfg, model, opt, run):
     if run.sharded:
         fsdp.load_state(model, opt, path)
         return json.load(open(os.path.join(path, "step.json")))["step"]
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
+    try:  # weights_only: a pickled payload is refused, not run
+        state = torch.load(os.path.join(path, "train_state.pt"), weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"--resume: {path}/train_state.pt cannot be read ({type(e).__name__}: truncated, or "
+                         f"not a state train.py saved): start over with --overwrite") from None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, v in state["trainable"].items():
@@ -297,6 +310,17 @@ def baseline(cfg, compute, run):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_atomic(path, lambda f: json.dump(metrics, open(f, "w")))
     return metrics
+
+
+def open_log(out, resume):
+    """log.jsonl, appended to by a resumed run (the steps past the checkpoint show twice, as they ran) or
+    started anew. A last line cut by a crash mid-write is dropped first: the next line would join it into one
+    that no reader of the log (plot_log) can parse."""
+    path = os.path.join(out, "log.jsonl")
+    if resume and os.path.exists(path):
+        with open(path, "rb+") as f:
+            f.truncate(f.read().rfind(b"\n") + 1)
+    return open(path, "a" if resume else "w")
 
 
 def plot_log(out):

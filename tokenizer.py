@@ -187,8 +187,9 @@ class TokenizerBase:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          tools=None, documents=None,
                                          **{k: t for k, t in self.special_texts().items() if t is not None})
-        except jinja2.exceptions.TemplateError as e:
-            # a syntax error, the sandbox, or the template's raise_exception
+        except (jinja2.exceptions.TemplateError, TypeError, ArithmeticError) as e:
+            # a syntax error, the sandbox (its ranges overflow, it has no loader for include/import), the
+            # template's raise_exception, or its own arithmetic
             raise ValueError(f"the chat template failed ({type(e).__name__}: {e}): "
                              f"fix the model's chat template (chat_template.jinja or tokenizer_config.json), "
                              f"or pass messages it accepts") from None

@@ -33,16 +33,16 @@ from tqdm import tqdm
 
 import fsdp
 from chat import chat_generate, reply_text
-from checkpoint import dump_json, load_model, write_atomic
-from cli import check_ranges, cli, make_folder, native_bf16
+from checkpoint import dump_json, load_finite, write_atomic
+from cli import MAX_TOKENS, check_ranges, cli, make_folder, native_bf16
 from consistency import (QKVO, SFT, TARGETS, align, check_signal, collate, consistency_loss, load_plugin,
-                         parse_targets)
+                         no_signal, parse_targets)
 from items import DATA_DIR, load_data
 from lora import add_lora, bf16_linears, lora_disabled
 from organisms import organism_data
 from parallel import Run
-from runs import (baseline, check_finite, check_out, clear_out, finish, load_checkpoint, lock_folder, replies,
-                  resume_advice, save_checkpoint)
+from runs import (baseline, check_finite, check_out, clear_out, finish, load_checkpoint, lock_folder, open_log,
+                  replies, resume_advice, save_checkpoint)
 from threats import COMPLIED, EVAL_WRAPPERS, REFUSED, THREATS, Pair, eval_size, mix, user
 from tokenizer import Tokenizer
 
@@ -112,7 +112,7 @@ TRAIN_RANGES = {"n_train": (1, None), "steps": (1, None), "batch_size": (1, None
                 "lr": (0, None), "warmup": (0, None), "min_lr_frac": (0, 1), "weight_decay": (0, None),
                 "grad_clip": (0, None), "lora_rank": (-1, None), "lora_alpha": (0, None),
                 "retain_frac": (0, 1), "prefill_sft": (0, None),
-                "anchor_frac": (0, 1), "response_tokens": (1, None), "eval_n": (0, None),
+                "anchor_frac": (0, 1), "response_tokens": (1, MAX_TOKENS), "eval_n": (0, None),
                 "save_every": (1, None)}
 
 
@@ -149,6 +149,10 @@ def resolve(cfg: TrainConfig, world: int = 1) -> TrainConfig:
     # each process averages the rows it holds: it must hold as many of each kind as every other, or the
     # processes' mean is not one process's (sample_batch deals pairs and retain rows apart)
     extra = round(cfg.batch_size * (cfg.retain_frac or cfg.anchor_frac))
+    if extra >= cfg.batch_size:
+        flag = "--retain-frac" if cfg.retain_frac else "--anchor-frac"
+        raise ValueError(f"{flag} {cfg.retain_frac or cfg.anchor_frac} fills all {cfg.batch_size} rows of a "
+                         f"batch, leaving no threat pairs to train on: use a smaller share")
     if extra % world:
         raise ValueError(f"--batch-size {cfg.batch_size} holds {extra} retain or anchor rows, which {world} "
                          f"processes cannot share evenly: pick a --batch-size or --retain-frac / "
@@ -274,9 +278,13 @@ def training_pairs(cfg, tok, theta0, targets, run):
         aligned = [align(tok, p) for p in pairs]
         moved = [a for a in aligned if a.content_moved]
         if not moved:
+            # name only targets these pairs train: a labels target gets theta0's responses, others need the
+            # positions they read (a prefill threat has no shared suffix for act)
+            batch = collate(aligned, tok.pad_id)
+            works = [n for n in TARGETS if TARGETS[n].reads == "labels" or not no_signal(n, batch)]
             raise ValueError(f"{'+'.join(sorted(names))} gets no signal on {cfg.threat}: every wrapper "
                              f"follows the clean content, so under causal attention the content's internals "
-                             f"never change; use act or bct for this threat")
+                             f"never change; use {' or '.join(works)} for this threat")
         if run.main and len(moved) < len(aligned):
             print(f"dropped {len(aligned) - len(moved)} of {len(aligned)} pairs whose wrapper only follows "
                   f"the content (no {'/'.join(sorted(names))} signal under causal attention)")
@@ -323,7 +331,8 @@ def setup(cfg, run, bf16):
             run.print("--fsdp: theta0's frozen copy keeps fp32 shards (run under bf16 autocast, the same "
                       "numbers); its bf16 storage is not implemented for sharded weights")
     else:
-        model, tok = load_model(cfg.model)
+        model, tok = load_finite(cfg.model, "training cannot start from them; pick a --model that is not broken "
+                                            "(a diverged run's earlier checkpoint)")
         if cfg.lora_rank:
             lora(model)
         model.to(run.device)
@@ -431,9 +440,7 @@ def train(cfg: TrainConfig):
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     inputs = StepInputs(model, reference, params, tok, autocast, pairs, retain, loss_targets)
 
-    # a resumed run adds to its log (the steps past the checkpoint show twice, as they ran);
-    # a new one starts it
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a" if cfg.resume else "w") if run.main else None
+    log = open_log(cfg.out, cfg.resume) if run.main else None
     ema, bar = 0.0, tqdm(range(start, cfg.steps), desc="train", disable=not run.main, initial=start,
                          total=cfg.steps)
     t_last, tokens = time.time(), 0

@@ -64,7 +64,7 @@ def write_tiny_hf(path, family="llama", tied=False, seed=0, sentencepiece=False,
         vocab, (bos, eos, pad) = 258, (256, 257, 257)
     cfg = getattr(transformers, spec["arch"])(**dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+        num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=tied,
         eos_token_id=eos, bos_token_id=bos, pad_token_id=pad,
         **({} if "rope_parameters" in spec["extra"] else {"rope_theta": 10000.0}), **spec["extra"]) | shape)
     torch.manual_seed(seed)
@@ -145,3 +145,14 @@ def dies_at(at_call):
             raise KeyboardInterrupt
         return real(*a, **k)
     return dies
+
+
+def nan_copy(src, dst):
+    """A copy of the model folder src whose final norm is all NaN; -> dst as a str."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    state = load_file(os.path.join(dst, "model.safetensors"))
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    return str(dst)

@@ -3,6 +3,7 @@ the memory meter, and the transformers implementation of each target against con
 from both sides is what makes the speed comparison fair). The benchmark itself is not a timed test."""
 
 import copy
+import os
 import statistics
 import time
 
@@ -74,6 +75,8 @@ def test_pairs_carry_responses_only_for_bct():
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(steps=0), "--steps 0: use a value of 1 or more"),
+                                    (dict(gen_tokens=10**9), "--gen-tokens 1000000000: use a value from 1 to"),
+                                    (dict(rollout_turns=10**8), "--rollout-turns 100000000: use a value from 1"),
                                     (dict(regimes="short,medium"),
                                      "--regimes medium: choose from short,long"),
                                     (dict(adamw="sgd"), "--adamw sgd: choose from default,foreach,fused"),
@@ -89,6 +92,10 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="--out .*a_file/bench.json: cannot write to the folder .*a_file "):
         bench.run(bench.BenchConfig(out=str(tmp_path / "a_file" / "bench.json")))
+    (tmp_path / "a_folder").mkdir()
+    with pytest.raises(ValueError, match="--out .*a_folder is a folder: name the file the table goes to"):
+        bench.run(bench.BenchConfig(out=str(tmp_path / "a_folder")))
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder"]  # nothing written beside it either
 
 
 PLUGIN = """

@@ -5,11 +5,12 @@ import copy
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
 
-from conftest import write_byte_tokenizer, write_tiny_hf
+from conftest import nan_copy, write_byte_tokenizer, write_tiny_hf
 from chat import Chat
 from checkpoint import load_model, save_model
 from lora import add_lora, bf16_linears, merge_lora
@@ -494,12 +495,17 @@ def test_compiled_blocks_keep_compiling_past_dynamos_default_limit(tiny):
     ("[1, 2]", "a JSON object was expected, got list"),
     ({"hidden_size": "64"}, "d_model must be a positive integer, got '64'"),
     ({"num_hidden_layers": None}, "n_layer must be a positive integer, got None"),
+    ({"rope_parameters": None, "rope_scaling": "linear"}, "rope_scaling must be an object like"),  # < v5
+    ('{"hidden_size": "\xe9"}'.encode("latin-1"), "UnicodeDecodeError"),
 ])
 def test_a_wrongly_typed_config_is_one_line(tmp_path, config, msg):
     write_tiny_hf(tmp_path, "llama")
     path = tmp_path / "config.json"
-    path.write_text(config if isinstance(config, str)
-                    else json.dumps({**json.loads(path.read_text()), **config}))
+    if isinstance(config, bytes):
+        path.write_bytes(config)
+    else:
+        path.write_text(config if isinstance(config, str)
+                        else json.dumps({**json.loads(path.read_text()), **config}))
     with pytest.raises(ValueError, match=re.escape(msg)) as e:
         load_model(str(tmp_path))
     assert "\n" not in str(e.value) and "config.json" in str(e.value)
@@ -509,6 +515,8 @@ def test_a_wrongly_typed_config_is_one_line(tmp_path, config, msg):
     ("{% for m in messages %}{{ m.content }", "TemplateSyntaxError"),
     ("{{ ''.__class__.__mro__ }}", "SecurityError"),
     ("{{ raise_exception('System role not supported') }}", "System role not supported"),
+    ("{% include 'other.jinja' %}", "TypeError: no loader"),
+    ("{% for i in range(10**9) %}{% endfor %}", "OverflowError: Range too big"),
 ])
 def test_a_broken_or_refusing_chat_template_is_one_line(tmp_path, template, msg):
     write_tiny_hf(tmp_path, "llama")
@@ -555,3 +563,29 @@ def test_fingerprint_follows_content_of_gguf_files_and_sharded_folders(tmp_path)
     first = fingerprint(str(gguf))
     gguf.write_bytes(b"GGUF" + bytes(63) + b"\1")
     assert fingerprint(str(gguf)) != first
+
+
+def test_max_position_embeddings_is_enforced_in_the_forward_and_before_generating(tmp_path):
+    write_tiny_hf(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 256}))
+    model, _ = load_model(str(tmp_path))
+    limit = "pass the model's max_position_embeddings of 256"
+    for mask in (None, torch.ones(1, 257, dtype=torch.long)):
+        with pytest.raises(ValueError, match=f"257 tokens .*{limit}"):
+            model(torch.zeros(1, 257, dtype=torch.long), attention_mask=mask)
+    padded = torch.cat([torch.zeros(1, 44, dtype=torch.long), torch.ones(1, 256, dtype=torch.long)], 1)
+    assert model(torch.zeros(1, 300, dtype=torch.long), attention_mask=padded, logits=False).hidden.shape[1] == 300
+    assert len(model.generate([[1] * 250], 6, eos_id=-1)) == 1
+    with pytest.raises(ValueError, match=f"257 tokens .*{limit}"):
+        model.generate([[1] * 250], 7, eos_id=-1)
+    with pytest.raises(ValueError, match=f"1000000002 tokens .*{limit}"):  # refused before a cache that big
+        Chat(model, eos_id=-1).generate([[1, 2]], 10**9)
+
+
+def test_model_py_refuses_nan_weights_in_one_line(tiny, tmp_path, monkeypatch):
+    import model as model_py
+    monkeypatch.setattr(sys, "argv", ["model.py", "--model", nan_copy(tiny[2], tmp_path / "nan")])
+    with pytest.raises(SystemExit) as e:
+        model_py.main()
+    assert "1 weight tensors are not finite (model.norm.weight, ...)" in str(e.value.code)

@@ -18,7 +18,7 @@ import parallel
 import runs
 import threats as T
 import train
-from conftest import dies_at, write_tiny_hf
+from conftest import dies_at, nan_copy, write_tiny_hf
 from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,6 +267,20 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     assert runs.latest_checkpoint(str(tmp_path / "inf")) is None
 
 
+def test_a_content_target_on_prefill_names_targets_that_train_there(tiny_dir, tmp_path):
+    """act, the old advice, also refuses prefill pairs (no prompt token follows a prefill to match on)."""
+    with pytest.raises(ValueError, match="mlpct gets no signal on prefill: .*; use bct or prefill for this"):
+        train.train(config(tiny_dir, tmp_path / "m", threat="prefill"))
+    with pytest.raises(ValueError, match="act has no shared suffix"):
+        train.train(config(tiny_dir, tmp_path / "a", threat="prefill", target="act"))
+
+
+def test_a_start_from_non_finite_weights_is_refused_as_such(tiny_dir, tmp_path):
+    """Not "lower --lr": no lr helps weights that are NaN before the first step."""
+    with pytest.raises(ValueError, match="1 weight tensors are not finite .*training cannot start from them"):
+        train.train(config(nan_copy(tiny_dir, tmp_path / "nan"), tmp_path / "run"))
+
+
 @pytest.mark.parametrize("poison,msg", [
     (lambda loss: loss * float("nan"), "loss nan, gradient norm nan at step 4"),
     # a finite loss with a nan gradient: sqrt at 0 adds 0 to the loss and inf * 0 = nan to its gradient
@@ -321,6 +335,10 @@ def test_clip_grads_matches_torch_clip_grad_norm(max_norm):
                                     (dict(steps=0), "--steps 0: use a value of 1 or more"),
                                     (dict(batch_size=0), "--batch-size 0: use a value of 1 or more"),
                                     (dict(retain_frac=1.5), "--retain-frac 1.5: use a value from 0 to 1"),
+                                    (dict(target="bct", retain_frac=1.0), "--retain-frac 1.0 fills all 4 rows"),
+                                    (dict(anchor_frac=0.9), "--anchor-frac 0.9 fills all 4 rows"),
+                                    (dict(response_tokens=10**9),
+                                     "--response-tokens 1000000000: use a value from 1 "),
                                     (dict(lr=float("inf")), "--lr inf: use a finite number"),
                                     (dict(min_lr_frac=float("nan")),
                                      "--min-lr-frac nan: use a finite number"),
@@ -632,7 +650,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_dir, tmp_
                         lambda f, *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
                         if ".write-test-" in str(f) else real(f, *a, **k))
     loads = []
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(train, "load_finite", lambda *a, **k: loads.append(1))
     with pytest.raises(ValueError, match="--out: cannot write to the folder .*ro .Permission denied.: "
                                          "pick a writable"):
         train.train(config(tiny_dir, tmp_path / "ro"))
@@ -647,3 +665,45 @@ def test_resume_refuses_a_model_whose_weights_changed(tiny_dir, tmp_path, monkey
     write_tiny_hf(model, "llama", tied=True, seed=3)
     with pytest.raises(ValueError, match="the weights in --model .* changed since"):
         train.train(config(str(model), tmp_path / "r", resume=True))
+
+
+class Payload:
+    def __reduce__(self):  # unpickling it would call print: torch.load(weights_only=True) refuses it
+        return print, ("ran",)
+
+
+@pytest.mark.parametrize("broken", ["pickle", "truncated"])
+def test_an_unreadable_train_state_is_a_one_line_refusal(tiny_dir, tmp_path, monkeypatch, broken):
+    import pickle
+    interrupted_run(config(tiny_dir, tmp_path / "r"), at_call=5, monkeypatch=monkeypatch)
+    path = tmp_path / "r" / "checkpoint" / "train_state.pt"
+    path.write_bytes(pickle.dumps(Payload()) if broken == "pickle" else path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="train_state.pt cannot be read .*start over with --overwrite") as e:
+        train.train(config(tiny_dir, tmp_path / "r", resume=True))
+    assert "\n" not in str(e.value)
+
+
+def test_a_log_line_cut_by_a_crash_does_not_break_the_resume(tiny_dir, tmp_path, monkeypatch):
+    interrupted_run(config(tiny_dir, tmp_path / "r"), at_call=5, monkeypatch=monkeypatch)
+    with open(tmp_path / "r" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # killed mid-write
+    train.train(config(tiny_dir, tmp_path / "r", resume=True))
+    # steps 0-3 before the cut (the checkpoint holds 3 steps), then 3-5 again from the checkpoint
+    assert [json.loads(line)["step"] for line in open(tmp_path / "r" / "log.jsonl")] == [0, 1, 2, 3, 3, 4, 5]
+    assert (tmp_path / "r" / "loss.png").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(tiny_dir, tmp_path, monkeypatch):
+    import errno
+    real = runs.save_model
+
+    def fills_up(model, tok, path, extra=None):
+        if extra["step.json"]["step"] == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "model.safetensors"))
+        return real(model, tok, path, extra=extra)
+
+    monkeypatch.setattr(runs, "save_model", fills_up)
+    with pytest.raises(ValueError, match=r"checkpoint of step 6 could not be written \(No space left on device: "
+                                         r".*the last checkpoint is .*\(step 3\): rerun with free disk space"):
+        train.train(config(tiny_dir, tmp_path / "r"))
+    assert runs.latest_checkpoint(str(tmp_path / "r"))[1] == 3
