@@ -34,8 +34,8 @@ def test_train_refuses_a_folder_of_files_it_did_not_write(tiny_dir, tmp_path, mo
     before = files(mine)
     monkeypatch.chdir(mine)
     loads = []
-    real = train.load_model
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    real = train.load_finite
+    monkeypatch.setattr(train, "load_finite", lambda *a, **k: loads.append(1) or real(*a, **k))
     for overwrite in (False, True):
         with pytest.raises(ValueError, match="holds config.json, log.jsonl, results.md that train.py did not "
                                              "write: pick another --out") as e:
@@ -60,7 +60,7 @@ def test_a_model_inside_out_or_an_out_inside_a_checkpoint_is_refused_before_load
     shutil.copytree(tiny_dir, run / "checkpoint")
     (run / ".written-by").write_text("train.py\n")
     kept = files(run / "checkpoint")
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(train, "load_finite", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ValueError, match="--model .*checkpoint lies inside --out .*x, whose checkpoint swap"):
         train.train(config(str(run / "checkpoint"), run, overwrite=True))
     with pytest.raises(ValueError, match="lies inside a training checkpoint folder"):
