@@ -7,6 +7,8 @@ computes in bf16 natively.
 
 import argparse
 import dataclasses
+import glob
+import json
 import fnmatch
 import math
 import os
@@ -64,13 +66,21 @@ TAKING = (".lock", ".write-test-*", MARKER + "*")   # what taking a folder puts 
 
 
 def owner(path):
-    """The tool that wrote the folder path: its marker's name or, for a train.py run from before the marker,
-    train.py where its run.json or train_config.json is; None for a folder no tool took."""
+    """The tool that wrote the folder path: its marker's name or, for a folder from before the marker,
+    train.py where its run.json or train_config.json is, eval.py where its kept answers are (each file opens
+    with eval's header line, naming the answers' format); None for a folder no tool took."""
     try:
         return open(os.path.join(path, MARKER), encoding="utf-8").read().strip()
     except (OSError, UnicodeDecodeError):
-        legacy = any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "train_config.json"))
-        return "train.py" if legacy else None
+        if any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "train_config.json")):
+            return "train.py"
+        for kept in glob.glob(os.path.join(path, "answers", "*.jsonl")):
+            try:
+                if json.loads(open(kept, encoding="utf-8").readline()).get("format") == "ids":
+                    return "eval.py"
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                continue
+        return None
 
 
 def take_folder(path, tool, writes, overwrite, flag="--out"):

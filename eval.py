@@ -319,11 +319,11 @@ class Row:
                 targets.index(first) if first in targets else len(targets), self.label)
 
 
-def load_measured(path):
-    """checkpoint.load_finite, and the fingerprint of the weights loaded, taken before they are read
-    (unchanged checks it still holds)."""
+def load_measured(path, fix=DIVERGED):
+    """checkpoint.load_finite (fix: what to do about weights that are not finite), and the fingerprint of the
+    weights loaded, taken before they are read (unchanged checks it still holds)."""
     fp = fingerprint(path)
-    model, tok = load_finite(path, DIVERGED)
+    model, tok = load_finite(path, fix)
     return model, tok, fp
 
 
@@ -531,7 +531,8 @@ def evaluate(cfg, rows, spec, t0):
         mine = [r for r in rows if r.base == base_name]
         base_label = "base" if cfg.ckpt else f"base:{os.path.basename(os.path.normpath(base_name))}"
         base_label = unique(base_label, result["models"])   # two bases in folders of one name
-        base, tok, base_fp = load_measured(base_name)
+        base, tok, base_fp = load_measured(base_name, "the base model is broken: evaluate against another "
+                                                      "(--ckpt with --base MODEL)")
         base_res, base_recs, base_gen = evaluate_model(base, tok, base_label, base_fp,
                                                        threats_for(spec, base_name), cfg, progress, judge)
         result["models"][base_label] = {"path": base_name, **base_res}

@@ -71,7 +71,7 @@ RUN_FILES = ("run.json", "train_config.json", "results.md", "log.jsonl", "loss.p
 
 
 # everything a run puts in --out: a folder of a user's holding any of these names is never written into
-TRAIN_WRITES = RUN_FILES + CHECKPOINTS + ("eval", "eval-val", ".baselines", ".tokenizer.tmp", "*.tmp")
+TRAIN_WRITES = RUN_FILES + CHECKPOINTS + ("eval", "eval-val", ".baselines", "*.tmp")
 
 
 def outside_checkpoints(out, flag="--out"):

@@ -53,7 +53,7 @@ def write_tiny_hf(path, family="llama", tied=False, seed=0, sentencepiece=False,
     """Save a random tiny HF model of `family` plus a tokenizer into `path`; return the HF model. The
     tokenizer is the 258-id byte-level one, or with sentencepiece=True a Gemma-layout byte-fallback BPE
     with Gemma's chat template (the model's vocabulary then follows it). shape: config fields other than the
-    tiny defaults (hidden_size=32, ...)."""
+    tiny defaults (hidden_size=64, ...)."""
     transformers = pytest.importorskip("transformers")
     spec = HF_CONFIGS[family]
     if sentencepiece:

@@ -19,7 +19,7 @@ import paper
 import runs as runs_module   # `runs` names the fixture of run folders
 import threats as T
 import train
-from conftest import write_tiny_hf
+from conftest import nan_copy, write_tiny_hf
 from chat import chat_generate_ids
 from checkpoint import EMBEDDED, fingerprint, load_model
 from report import slug
@@ -513,7 +513,6 @@ def test_a_checkpoint_of_another_shape_or_tokenizer_than_its_base_is_refused_bef
 
 def test_unreadable_run_json_and_non_finite_weights_are_refused(runs, tmp_path, monkeypatch):
     import shutil
-    from safetensors.torch import load_file, save_file
     broken = tmp_path / "broken"
     shutil.copytree(runs / "act-sycophancy", broken)
     (broken / "run.json").write_text('["not", "a", "run"]')
@@ -525,14 +524,14 @@ def test_unreadable_run_json_and_non_finite_weights_are_refused(runs, tmp_path, 
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, "--ckpt", broken, "--base", runs / "base")
     assert "run.json cannot be read" in str(e.value.code) and "\n" not in str(e.value.code)
-    nan = tmp_path / "nan"
-    shutil.copytree(runs / "act-sycophancy", nan)
-    state = load_file(nan / "model.safetensors")
-    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
-    save_file(state, nan / "model.safetensors")
+    nan = nan_copy(runs / "act-sycophancy", tmp_path / "nan")
     with pytest.raises(SystemExit) as e:
         run_cli(monkeypatch, "--ckpt", nan, "--threats", "sycophancy", "--n", "2", "--no-mechanism")
     assert "weight tensors are not finite" in str(e.value.code) and "\n" not in str(e.value.code)
+    with pytest.raises(SystemExit) as e:   # a broken base is not a diverged run: no advice to retrain
+        run_cli(monkeypatch, "--ckpt", runs / "act-sycophancy", "--base", nan, "--threats", "sycophancy",
+                "--n", "2", "--no-mechanism", "--out", tmp_path / "against-nan")
+    assert "the base model is broken" in str(e.value.code) and "lower --lr" not in str(e.value.code)
 
 
 @pytest.fixture

@@ -77,6 +77,18 @@ def test_the_baseline_cache_lives_inside_out_and_outlasts_overwrite(tiny_dir, tm
     assert run_folder.baseline(cfg, lambda: pytest.fail("measured again"), parallel.Run()) == {"brr": 0.5}
 
 
+def test_an_eval_folder_from_before_the_marker_is_eval_s_own(runs, tmp_path, monkeypatch):
+    """An evaluation written before folders carried a marker (its kept answers, no .written-by) is eval.py's:
+    a rerun into it is taken, as it was, and reads its answers back."""
+    ckpt = runs / "act-sycophancy"
+    old = tmp_path / "old-eval"
+    run_cli(monkeypatch, "--ckpt", ckpt, *EVAL, "--out", old)
+    (old / ".written-by").unlink()
+    (old / ".lock").unlink()
+    run_cli(monkeypatch, "--ckpt", ckpt, *EVAL, "--out", old)
+    assert (old / ".written-by").read_text() == "eval.py\n"
+
+
 def test_eval_refuses_a_train_runs_folder_and_a_users(runs, tmp_path, monkeypatch):
     """eval.py --out at a train.py run (its results.md beside the weights) or a user's folder writes nothing;
     --overwrite in a folder eval.py wrote removes its outputs and nothing else."""
